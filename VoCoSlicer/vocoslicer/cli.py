@@ -1,0 +1,83 @@
+"""The one command-line interface: ``python -m vocoslicer <command> ...``.
+
+Subcommands live in :mod:`vocoslicer.commands` (one module each, discovered at start-up). Every error the user
+can cause ends as one line on stderr and exit code 2; an unexpected failure prints one line (exit 1) and, with
+``--debug``, the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+import traceback
+from collections.abc import Sequence
+
+from vocoslicer import __version__
+from vocoslicer.errors import EXIT_CRASH, EXIT_USER, Cancelled, VoCoError
+
+log = logging.getLogger("vocoslicer")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits with 2 on bad options already; keep its message to one line plus the usage hint."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"vocoslicer: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(EXIT_USER)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the parser with every discovered subcommand; exposed for tests and docs."""
+    parser = _Parser(prog="vocoslicer", description="VoCo / PUMIT engine of the VoCoSlicer 3D Slicer extension.")
+    parser.add_argument("--version", action="version", version=f"vocoslicer {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print full tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more log output on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
+    import vocoslicer.commands as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"vocoslicer.commands.{info.name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command and return its exit code (never raises for expected errors)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USER
+    try:
+        runner = getattr(args, "runner", None)
+        if runner is not None:  # commands that support --run-dir wrap themselves (see vocoslicer.jobs)
+            return int(runner(args) or 0)
+        return int(args.func(args) or 0)
+    except VoCoError as exc:
+        if args.debug:
+            traceback.print_exc()
+        prefix = "cancelled" if isinstance(exc, Cancelled) else "error"
+        sys.stderr.write(f"vocoslicer: {prefix}: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("vocoslicer: cancelled: interrupted\n")
+        return Cancelled.exit_code
+    except Exception as exc:  # noqa: BLE001 - last line of defence: one line for the user
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write(f"vocoslicer: internal error: {type(exc).__name__}: {exc} (rerun with --debug)\n")
+        return EXIT_CRASH
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
