@@ -1,0 +1,294 @@
+"""Model bundles: the one format the CLI, the finetuner, the worker and Slicer all read.
+
+A bundle is a folder (or a zip of one) holding::
+
+    model.json          architecture + args, task, labels, preprocessing, inference settings, provenance
+    weights.safetensors (or weights.pt: a plain state dict, loaded with ``weights_only=True``)
+    labels.csv          the label table (segmentation) or class list (classification), for humans and Slicer
+    README.md           optional model card
+
+Weights are never pickled code, their sha256 is recorded in model.json and checked on load, and a bundle is
+written into a temporary folder and renamed into place, so a cancelled finetune never leaves a half bundle.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vocoslicer.errors import UserError
+from vocoslicer.io.atomic import atomic_write_json, atomic_write_text
+from vocoslicer.labels import LabelTable
+
+BUNDLE_FORMAT = "vocoslicer-bundle/1"
+TASKS = ("segmentation", "classification", "backbone")
+
+# VoCo's official CT preprocessing (spec §6.1): used when a bundle does not say otherwise
+DEFAULT_PREPROCESSING: dict[str, Any] = {
+    "orientation": "RAS",
+    "spacing": [1.5, 1.5, 1.5],
+    "intensity": {"a_min": -175.0, "a_max": 250.0, "b_min": 0.0, "b_max": 1.0, "clip": True},
+}
+DEFAULT_INFERENCE: dict[str, Any] = {"roi_size": [96, 96, 96], "overlap": 0.5, "mode": "gaussian", "sw_batch_size": 4}
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a safetensors or torch state dict without executing pickled code."""
+    p = Path(path)
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(p))
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is a bad file for the user
+        raise UserError(f"{p}: cannot load weights ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{p}: not a state dict of tensors")
+    return obj
+
+
+@dataclass
+class ModelBundle:
+    """A loaded bundle: ``meta`` is model.json, ``path`` the folder it came from (None if not saved yet)."""
+
+    meta: dict[str, Any]
+    labels: LabelTable = field(default_factory=LabelTable)
+    path: Path | None = None
+
+    # ----------------------------------------------------------------- accessors
+    @property
+    def id(self) -> str:
+        """Catalog id (stable across versions)."""
+        return str(self.meta.get("id", "unnamed"))
+
+    @property
+    def version(self) -> str:
+        """Semantic version string."""
+        return str(self.meta.get("version", "0.0.0"))
+
+    @property
+    def task(self) -> str:
+        """segmentation | classification | backbone."""
+        return str(self.meta.get("task", "segmentation"))
+
+    @property
+    def architecture(self) -> tuple[str, dict[str, Any]]:
+        """(name, args) to rebuild the network."""
+        arch = self.meta.get("architecture") or {}
+        return str(arch.get("name", "")), dict(arch.get("args", {}))
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """Orientation, spacing and intensity window the network expects."""
+        return {**DEFAULT_PREPROCESSING, **(self.meta.get("preprocessing") or {})}
+
+    @property
+    def inference(self) -> dict[str, Any]:
+        """Sliding-window settings."""
+        return {**DEFAULT_INFERENCE, **(self.meta.get("inference") or {})}
+
+    @property
+    def channel_values(self) -> list[int]:
+        """Label value of each output channel (channel 0 = background)."""
+        cv = self.meta.get("channel_values")
+        return [int(v) for v in cv] if cv else [0, *self.labels.values]
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names of a classification bundle, in output order."""
+        return [str(c) for c in self.meta.get("classes", [])]
+
+    @property
+    def weights_path(self) -> Path:
+        """The weights file inside the bundle folder."""
+        if self.path is None:
+            raise UserError("bundle has not been saved: no weights file")
+        return self.path / str((self.meta.get("weights") or {}).get("file", "weights.safetensors"))
+
+    def describe(self) -> str:
+        """One line for logs and the CLI."""
+        return f"{self.id} v{self.version} ({self.task}, {self.architecture[0]})"
+
+    # ----------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Check model.json for the mistakes that would otherwise surface deep inside inference."""
+        src = str(self.path or self.id)
+        if self.task not in TASKS:
+            raise UserError(f"{src}: unknown task {self.task!r} (expected one of {', '.join(TASKS)})")
+        name, args = self.architecture
+        if not name:
+            raise UserError(f"{src}: model.json has no architecture name")
+        out = args.get("out_channels")
+        if self.task == "segmentation":
+            cv = self.channel_values
+            if out is not None and int(out) != len(cv):
+                raise UserError(f"{src}: the network has {out} output channels but the label table defines "
+                                f"{len(cv)} (background + {len(cv) - 1} labels)")
+            if cv[0] != 0 or len(set(cv)) != len(cv):
+                raise UserError(f"{src}: channel_values must start with 0 (background) and be unique, got {cv}")
+            missing = sorted(set(cv[1:]) - set(self.labels.values))
+            if missing:
+                raise UserError(f"{src}: channel values {missing} have no entry in the label table")
+        if self.task == "classification":
+            n = args.get("num_classes", out)
+            if not self.classes:
+                raise UserError(f"{src}: a classification bundle needs a 'classes' list")
+            if n is not None and int(n) != len(self.classes):
+                raise UserError(f"{src}: the network has {n} outputs but {len(self.classes)} classes are listed")
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ModelBundle:
+        """Load model.json and labels from a bundle folder or zip (weights are read by :meth:`state_dict`)."""
+        p = Path(path)
+        if not p.exists():
+            raise UserError(f"{p}: no such model bundle")
+        if p.is_file() and zipfile.is_zipfile(p):
+            p = _extract_zip(p)
+        if p.is_file() and p.name == "model.json":
+            p = p.parent
+        mj = p / "model.json"
+        if not mj.is_file():
+            raise UserError(f"{p}: not a model bundle (no model.json)")
+        try:
+            meta = json.loads(mj.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{mj}: unreadable model.json ({exc})") from None
+        if not isinstance(meta, dict):
+            raise UserError(f"{mj}: model.json must hold a JSON object")
+        labels = LabelTable.from_list(meta.get("labels", [])) if meta.get("labels") else LabelTable()
+        bundle = cls(meta=meta, labels=labels, path=p)
+        bundle.validate()
+        return bundle
+
+    def state_dict(self, verify: bool = True) -> dict[str, torch.Tensor]:
+        """Read the weights, checking the recorded sha256 first (a truncated download fails here, clearly)."""
+        wp = self.weights_path
+        if not wp.is_file():
+            raise UserError(f"{self.path}: weights file {wp.name} is missing")
+        expected = (self.meta.get("weights") or {}).get("sha256")
+        if verify and expected:
+            actual = sha256_file(wp)
+            if actual != expected:
+                raise UserError(f"{wp}: sha256 mismatch (file {actual[:12]}…, model.json {expected[:12]}…): "
+                                "the weights are corrupted or were replaced")
+        return load_state_dict_file(wp)
+
+    def build_model(self, load_weights: bool = True, strict: bool = True) -> torch.nn.Module:
+        """Rebuild the network from model.json and load its weights."""
+        from vocoslicer.models.factory import build_model
+
+        name, args = self.architecture
+        model = build_model(name, args)
+        if load_weights:
+            sd = self.state_dict()
+            result = model.load_state_dict(sd, strict=False)
+            if strict and (result.missing_keys or result.unexpected_keys):
+                miss, unexp = result.missing_keys, result.unexpected_keys
+                raise UserError(f"{self.path}: weights do not match architecture {name}: {len(miss)} missing "
+                                f"(e.g. {miss[:2]}), {len(unexp)} unexpected (e.g. {unexp[:2]})")
+        return model
+
+    # ----------------------------------------------------------------- saving
+    def save(self, out_dir: str | os.PathLike[str], state_dict: dict[str, torch.Tensor],
+             dtype: torch.dtype | None = None, card: str | None = None, overwrite: bool = False) -> Path:
+        """Write the bundle atomically into ``out_dir`` (a folder) and return it; updates ``self.path``."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        if out.exists() and not overwrite:
+            raise UserError(f"{out}: already exists (choose another output or allow overwriting)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        try:
+            tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu()
+                       .contiguous() for k, v in state_dict.items()}
+            wfile = tmp / "weights.safetensors"
+            save_file(tensors, str(wfile))
+            meta = dict(self.meta)
+            meta.setdefault("format", BUNDLE_FORMAT)
+            meta.setdefault("created", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+            meta["weights"] = {"file": wfile.name, "sha256": sha256_file(wfile),
+                               "dtype": str(dtype or next(iter(tensors.values())).dtype).replace("torch.", ""),
+                               "bytes": wfile.stat().st_size}
+            if len(self.labels):
+                meta["labels"] = self.labels.to_list()
+                atomic_write_text(tmp / "labels.csv", self.labels.to_csv())
+            elif self.classes:
+                atomic_write_text(tmp / "labels.csv", "index,name\n" + "".join(
+                    f"{i},{c}\n" for i, c in enumerate(self.classes)))
+            atomic_write_json(tmp / "model.json", meta)
+            if card:
+                atomic_write_text(tmp / "README.md", card)
+            self.meta = meta
+            check = ModelBundle(meta=meta, labels=self.labels, path=tmp)
+            check.validate()
+            if out.exists():
+                backup = out.with_name(f".{out.name}.old")
+                if backup.exists():
+                    shutil.rmtree(backup)
+                os.replace(out, backup)
+                os.replace(tmp, out)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.path = out
+        return out
+
+
+def _extract_zip(zpath: Path) -> Path:
+    """Unpack a zipped bundle next to the VoCoSlicer cache (keyed by content hash, so it happens once)."""
+    from vocoslicer.paths import cache_dir
+
+    digest = sha256_file(zpath)[:16]
+    dest = cache_dir() / "bundles" / digest
+    if (dest / "model.json").is_file():
+        return dest
+    tmp = Path(tempfile.mkdtemp(prefix=".unzip.", dir=dest.parent if dest.parent.exists() else None))
+    try:
+        with zipfile.ZipFile(zpath) as zf:
+            for member in zf.namelist():
+                target = (tmp / member).resolve()
+                if not str(target).startswith(str(tmp.resolve())):
+                    raise UserError(f"{zpath}: unsafe path in zip: {member}")
+            zf.extractall(tmp)
+        roots = list(tmp.rglob("model.json"))
+        if not roots:
+            raise UserError(f"{zpath}: the zip holds no model.json")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(roots[0].parent, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def new_bundle_meta(model_id: str, version: str, task: str, arch_name: str, arch_args: dict[str, Any],
+                    **extra: Any) -> dict[str, Any]:
+    """Start a model.json with the required fields; callers add preprocessing, inference, parent, training."""
+    return {"format": BUNDLE_FORMAT, "id": model_id, "version": version, "task": task,
+            "architecture": {"name": arch_name, "args": arch_args}, **extra}

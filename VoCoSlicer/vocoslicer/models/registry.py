@@ -1,0 +1,103 @@
+"""Installed model bundles: ``<models_dir>/<id>/<version>/``, plus the demo model shipped in the package.
+
+``--model`` everywhere accepts a bundle path, ``ID`` (newest installed version) or ``ID@VERSION``; with no
+``--model`` the bundled demo model is used, so a fresh install can segment something at once. A finetune
+registers its result here, which is why Segment can use a new version immediately.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from vocoslicer.errors import UserError
+from vocoslicer.models.bundle import ModelBundle
+from vocoslicer.paths import models_dir, resources_dir
+
+DEMO_MODEL_ID = "vocoslicer-demo-phantom"
+
+
+def demo_bundle_path() -> Path:
+    """The demo model bundled with the package (trained on phantoms by ``scripts/train_demo_model.sh``)."""
+    return resources_dir() / "demo_model"
+
+
+def _version_key(v: str) -> tuple:
+    parts = re.split(r"[.+-]", v)
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
+
+
+def installed() -> list[ModelBundle]:
+    """Every installed bundle (all versions) plus the demo model, newest version first per id."""
+    out: list[ModelBundle] = []
+    root = models_dir()
+    for id_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        versions = sorted((p for p in id_dir.iterdir() if (p / "model.json").is_file()),
+                          key=lambda p: _version_key(p.name), reverse=True)
+        for vdir in versions:
+            try:
+                out.append(ModelBundle.load(vdir))
+            except UserError:
+                continue  # a broken bundle must not hide the others; `models list` reports it separately
+    demo = demo_bundle_path()
+    if (demo / "model.json").is_file() and not any(b.id == DEMO_MODEL_ID for b in out):
+        out.append(ModelBundle.load(demo))
+    return out
+
+
+def resolve(spec: str | os.PathLike[str] | None) -> ModelBundle:
+    """Turn a ``--model`` value into a loaded bundle (see module docstring)."""
+    if spec is None or str(spec) == "":
+        demo = demo_bundle_path()
+        if not (demo / "model.json").is_file():
+            raise UserError("no --model given and the bundled demo model is missing from this installation")
+        return ModelBundle.load(demo)
+    text = str(spec)
+    p = Path(text).expanduser()
+    if p.exists():
+        return ModelBundle.load(p)
+    model_id, _, version = text.partition("@")
+    candidates = [b for b in installed() if b.id == model_id and (not version or b.version == version)]
+    if not candidates:
+        known = sorted({f"{b.id}@{b.version}" for b in installed()})
+        raise UserError(f"model {text!r} is neither a bundle path nor an installed model "
+                        f"(installed: {', '.join(known) or 'none'})")
+    return max(candidates, key=lambda b: _version_key(b.version))
+
+
+def install(bundle_dir: str | os.PathLike[str], overwrite: bool = False) -> ModelBundle:
+    """Copy a saved bundle into the models folder under ``<id>/<version>`` (atomic rename) and return it."""
+    src = ModelBundle.load(bundle_dir)
+    dest = models_dir() / src.id / src.version
+    if dest.exists():
+        if not overwrite:
+            raise UserError(f"model {src.id}@{src.version} is already installed ({dest})")
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src.path, tmp)  # type: ignore[arg-type]
+    os.replace(tmp, dest)
+    return ModelBundle.load(dest)
+
+
+def next_version(model_id: str, base: str = "1.0.0") -> str:
+    """The next free patch-level version for ``model_id`` (finetunes create new versions, never overwrite)."""
+    versions = [b.version for b in installed() if b.id == model_id]
+    if not versions:
+        return base
+    newest = max(versions, key=_version_key)
+    nums = [int(x) for x in re.findall(r"\d+", newest)[:3]] + [0, 0, 0]
+    return f"{nums[0]}.{nums[1]}.{nums[2] + 1}"
+
+
+def remove(spec: str) -> Path:
+    """Delete an installed ``ID@VERSION`` (or every version of ``ID``); the demo model cannot be removed."""
+    model_id, _, version = spec.partition("@")
+    target = models_dir() / model_id / version if version else models_dir() / model_id
+    if not target.exists() or not model_id:
+        raise UserError(f"model {spec!r} is not installed")
+    shutil.rmtree(target)
+    return target
