@@ -68,10 +68,10 @@ def test_legacy_merging_is_used_in_built_model() -> None:
     monai_model.load_state_dict(model.state_dict())  # same keys, same shapes
     model.eval()
     monai_model.eval()
-    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 1, 64, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = model(x), monai_model(x)
-    assert a.shape == (1, 3, 32, 32, 32)
+    assert a.shape == (1, 3, 64, 32, 32)
     assert (a - b).abs().max() > 1e-4  # same weights, different function: the trap the legacy class avoids
 
 
