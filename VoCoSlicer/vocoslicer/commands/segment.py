@@ -1,0 +1,70 @@
+"""``vocoslicer segment IN -o OUT``: segment a volume file or DICOM folder with a model bundle."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vocoslicer.errors import UserError
+
+
+def add_events_flag(p: argparse.ArgumentParser) -> None:
+    """``--events stdout``: JSON-lines events on stdout for a parent process (the Slicer GUI)."""
+    p.add_argument("--events", choices=("none", "stdout"), default="none",
+                   help="emit JSON-lines progress events on stdout (for the Slicer module / job clients)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``segment`` command."""
+    p = sub.add_parser("segment", help="segment a CT volume (file or DICOM folder) with a model bundle",
+                       description="Writes a label map on exactly the input's grid and its labels table "
+                                   "(OUT with .labels.csv). Without --model the bundled demo model is used.")
+    p.add_argument("input", help="volume file (.nii/.nii.gz/.nrrd/.mha) or DICOM series folder")
+    p.add_argument("-o", "--output", required=True, help="output label map (.nii.gz, .nrrd, .mha or .seg.nrrd)")
+    p.add_argument("--model", default=None, help="bundle path, installed model ID or ID@VERSION (default: demo model)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--fast", action="store_true", help="run at 3 mm spacing (much faster, coarser)")
+    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the bundle's)")
+    p.add_argument("--series", default=None, help="DICOM SeriesInstanceUID when the folder holds several series")
+    p.add_argument("--truth", default=None, help="ground-truth label map: print per-label Dice after segmenting")
+    add_events_flag(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler: segment and report."""
+    from vocoslicer.infer.segment import run_segment
+    from vocoslicer.jobs.events import EventSink
+
+    if args.overlap is not None and not 0 <= args.overlap < 1:
+        raise UserError(f"--overlap must be in [0, 1), got {args.overlap}")
+    events = EventSink(stdout=args.events == "stdout")
+    result = run_segment(args.input, args.output, args.model, args.device, args.fast, args.series, args.overlap,
+                         events)
+    out = sys.stderr if args.events == "stdout" else sys.stdout
+    print(f"wrote {result['output']} and {result['labels']} ({result['model']}, {result['seconds']:.1f} s)", file=out)
+    if args.truth:
+        print_dice(result["output"], args.truth, result["labels"], out)
+    return 0
+
+
+def print_dice(pred_path: str, truth_path: str, labels_csv: str, out=sys.stdout) -> float:  # noqa: ANN001
+    """Print a per-label Dice table of a segmentation against ground truth; returns the mean."""
+    import SimpleITK as sitk
+
+    from vocoslicer.io import read_image, same_grid
+    from vocoslicer.labels import LabelTable
+    from vocoslicer.metrics import dice_per_label, mean_dice
+
+    pred, truth = read_image(pred_path), read_image(truth_path)
+    if not same_grid(pred, truth):
+        raise UserError(f"{truth_path}: the ground truth is not on the input's grid")
+    table = LabelTable.read_csv(labels_csv)
+    scores = dice_per_label(sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(truth), table.values)
+    width = max(len(lb.name) for lb in table)
+    print(f"{'label':<{width}}  Dice", file=out)
+    for lb in table:
+        print(f"{lb.name:<{width}}  {scores[lb.value]:.3f}", file=out)
+    m = mean_dice(scores)
+    print(f"{'mean':<{width}}  {m:.3f}", file=out)
+    return m

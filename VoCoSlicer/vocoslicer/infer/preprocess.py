@@ -1,0 +1,111 @@
+"""Bring any CT onto the grid a model was trained on, and bring predictions back onto the input's exact grid.
+
+The network sees (X, Y, Z) arrays in RAS orientation at the bundle's spacing with its intensity window, which is
+what MONAI's LoadImage → Orientation("RAS") → Spacing → ScaleIntensityRange produced for the official VoCo
+weights. SimpleITK does the geometry; the way back resamples class scores (not labels) in slabs of the
+input grid, so boundaries are smooth and memory stays bounded even for 512×512×N inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from vocoslicer.errors import UserError
+
+
+@dataclass
+class Prepared:
+    """The network input and the model-space grid it lives on."""
+
+    tensor: torch.Tensor  # (1, 1, X, Y, Z) float32, RAS, model spacing, intensity-normalised
+    grid: sitk.Image  # an image carrying the model-space geometry (size/spacing/origin/direction)
+    warnings: list[str]
+
+
+def orient(img: sitk.Image, code: str = "RAS") -> sitk.Image:
+    """Reorder/flip axes so array axis 0 points to code[0] (e.g. patient Right), without resampling."""
+    return sitk.DICOMOrient(img, code)
+
+
+def resample_to_spacing(img: sitk.Image, spacing: Sequence[float], interpolator: int = sitk.sitkLinear,
+                        default: float = 0.0) -> sitk.Image:
+    """Resample onto the same physical extent at a new spacing (origin kept, like MONAI's Spacing)."""
+    old_sp = np.asarray(img.GetSpacing(), dtype=float)
+    new_sp = np.asarray(spacing, dtype=float)
+    size = np.maximum(np.round(np.asarray(img.GetSize()) * old_sp / new_sp), 1).astype(int)
+    return sitk.Resample(img, [int(s) for s in size], sitk.Transform(), interpolator, img.GetOrigin(),
+                         [float(s) for s in new_sp], img.GetDirection(), default, img.GetPixelID())
+
+
+def intensity_window(arr: np.ndarray, cfg: dict[str, Any]) -> np.ndarray:
+    """MONAI ScaleIntensityRange semantics: map [a_min, a_max] to [b_min, b_max], optionally clipped."""
+    a_min, a_max = float(cfg["a_min"]), float(cfg["a_max"])
+    b_min, b_max = float(cfg.get("b_min", 0.0)), float(cfg.get("b_max", 1.0))
+    out = (arr.astype(np.float32) - a_min) / (a_max - a_min) * (b_max - b_min) + b_min
+    if cfg.get("clip", True):
+        np.clip(out, min(b_min, b_max), max(b_min, b_max), out=out)
+    return out
+
+
+def ct_range_warning(arr: np.ndarray) -> str | None:
+    """Models here are trained on CT in Hounsfield units; say so when the input clearly is not."""
+    lo, hi = np.percentile(arr[:: max(1, arr.shape[0] // 16)], [1, 99])
+    if lo > -500 or hi > 5000 or hi < 0:
+        return (f"the input intensities (1st-99th percentile {lo:.0f}..{hi:.0f}) do not look like CT in Hounsfield "
+                "units; results may be meaningless")
+    return None
+
+
+def prepare(img: sitk.Image, preprocessing: dict[str, Any], spacing: Sequence[float] | None = None) -> Prepared:
+    """Orientation → spacing → intensity window; returns the (1,1,X,Y,Z) tensor and its grid."""
+    warnings: list[str] = []
+    code = str(preprocessing.get("orientation", "RAS"))
+    sp = spacing or preprocessing.get("spacing")
+    work = sitk.Cast(img, sitk.sitkFloat32)
+    work = orient(work, code)
+    if sp:
+        work = resample_to_spacing(work, sp, sitk.sitkLinear, default=float(preprocessing.get("pad_value", -1024)))
+    arr = sitk.GetArrayViewFromImage(work)  # (Z, Y, X)
+    if warn := ct_range_warning(np.asarray(arr)):
+        warnings.append(warn)
+    norm = intensity_window(np.asarray(arr), preprocessing["intensity"])
+    tensor = torch.from_numpy(np.ascontiguousarray(norm.transpose(2, 1, 0)))[None, None]
+    grid = sitk.Image(work.GetSize(), sitk.sitkUInt8)
+    grid.CopyInformation(work)
+    return Prepared(tensor=tensor, grid=grid, warnings=warnings)
+
+
+def scores_to_reference(scores: torch.Tensor, grid: sitk.Image, reference: sitk.Image,
+                        channel_values: Sequence[int], slab: int = 32) -> sitk.Image:
+    """Resample class scores (C, X, Y, Z) from the model grid onto ``reference``'s grid and take the argmax.
+
+    Works slab by slab along the reference's last axis so that only ``C × slab`` planes of scores exist at the
+    input resolution at any time. Returns a label image with exactly the reference's geometry.
+    """
+    c = scores.shape[0]
+    if c != len(channel_values):
+        raise UserError(f"the model produced {c} channels but its bundle lists {len(channel_values)} channel values")
+    arr = scores.float().permute(3, 2, 1, 0).contiguous().cpu().numpy()  # (Z, Y, X, C)
+    vec = sitk.GetImageFromArray(arr, isVector=True)
+    vec.CopyInformation(grid)
+    lut = np.asarray(channel_values, dtype=np.uint16 if max(channel_values) > 255 else np.uint8)
+    nx, ny, nz = reference.GetSize()
+    out = np.zeros((nz, ny, nx), dtype=lut.dtype)
+    # voxels outside the model grid get "background" (score 0 everywhere except channel 0)
+    default = 0.0
+    for z0 in range(0, nz, slab):
+        z1 = min(nz, z0 + slab)
+        origin = reference.TransformIndexToPhysicalPoint((0, 0, z0))
+        part = sitk.Resample(vec, [nx, ny, z1 - z0], sitk.Transform(), sitk.sitkLinear, origin,
+                             reference.GetSpacing(), reference.GetDirection(), default, vec.GetPixelID())
+        pa = sitk.GetArrayViewFromImage(part)  # (z, y, x, C)
+        out[z0:z1] = lut[np.argmax(pa, axis=-1)]
+    lab = sitk.GetImageFromArray(out)
+    lab.CopyInformation(reference)
+    return lab

@@ -1,0 +1,111 @@
+"""Segmentation inference: input volume → label map on exactly the input's grid.
+
+The pipeline is deliberately plain: :mod:`vocoslicer.infer.preprocess` for geometry, MONAI's sliding-window
+inference for the network, argmax after resampling scores back. The GPU fast path (batched windows, autocast,
+OOM fallback) plugs in through :func:`predict_scores`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+import torch
+
+from vocoslicer.errors import UserError
+from vocoslicer.infer.preprocess import prepare, scores_to_reference
+from vocoslicer.jobs.events import NULL_SINK, EventSink
+from vocoslicer.models.bundle import ModelBundle
+
+FAST_SPACING = (3.0, 3.0, 3.0)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto`` → CUDA when available; asking for CUDA on a machine without it is a user error."""
+    if requested in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA GPU is available (use --device cpu or auto)")
+    try:
+        return torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"unknown device {requested!r} (use auto, cpu, cuda or cuda:N)") from None
+
+
+def predict_scores(model: torch.nn.Module, x: torch.Tensor, roi: Sequence[int], overlap: float, mode: str,
+                   sw_batch_size: int, device: torch.device, events: EventSink = NULL_SINK) -> torch.Tensor:
+    """Sliding-window class scores (C, X, Y, Z) on the CPU, as float32."""
+    from monai.inferers import sliding_window_inference
+
+    model.eval()
+    amp = device.type == "cuda"
+    amp_ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    with torch.inference_mode(), amp_ctx:
+        out = sliding_window_inference(x.to(device), roi_size=tuple(int(r) for r in roi), sw_batch_size=sw_batch_size,
+                                       predictor=model, overlap=overlap, mode=mode,
+                                       sw_device=device, device=torch.device("cpu"))
+    return out[0].float()
+
+
+def segment_image(img: sitk.Image, bundle: ModelBundle, model: torch.nn.Module | None = None,
+                  device: str | torch.device = "auto", fast: bool = False, overlap: float | None = None,
+                  events: EventSink = NULL_SINK) -> sitk.Image:
+    """Segment one image with ``bundle``; returns a label image on ``img``'s exact grid."""
+    if bundle.task != "segmentation":
+        raise UserError(f"model {bundle.describe()} is a {bundle.task} model, not a segmentation model")
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    pre = bundle.preprocessing
+    spacing = FAST_SPACING if fast else None
+    events.progress(0, 4, stage="preprocessing")
+    prepared = prepare(img, pre, spacing)
+    for w in prepared.warnings:
+        events.warning(w)
+    if model is None:
+        events.progress(1, 4, stage="loading model")
+        model = bundle.build_model().to(dev)
+    inf = bundle.inference
+    events.progress(2, 4, stage=f"inference on {dev.type}")
+    scores = predict_scores(model, prepared.tensor, inf["roi_size"], float(overlap if overlap is not None
+                                                                             else inf["overlap"]),
+                            str(inf["mode"]), int(inf["sw_batch_size"]), dev, events)
+    events.progress(3, 4, stage="resampling to the input grid")
+    label = scores_to_reference(scores, prepared.grid, img, bundle.channel_values)
+    events.progress(4, 4, stage="done")
+    return label
+
+
+def labels_csv_path(output: str | Path) -> Path:
+    """``seg.nii.gz`` → ``seg.labels.csv``: where the label table of a segmentation file goes."""
+    p = Path(output)
+    name = p.name
+    for ext in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha"):
+        if name.lower().endswith(ext):
+            return p.with_name(name[: -len(ext)] + ".labels.csv")
+    return p.with_name(p.name + ".labels.csv")
+
+
+def run_segment(input_path: str, output: str, model_spec: str | None = None, device: str = "auto",
+                fast: bool = False, series: str | None = None, overlap: float | None = None,
+                events: EventSink = NULL_SINK) -> dict[str, Any]:
+    """The ``segment`` command: read, segment, write label map + labels CSV (both atomically)."""
+    from vocoslicer.io import read_image, write_image
+    from vocoslicer.models.registry import resolve
+
+    out = Path(output)
+    if out.exists() and out.is_dir():
+        raise UserError(f"{out}: is a folder; give an output file name such as {out / 'segmentation.nii.gz'}")
+    t0 = time.perf_counter()
+    bundle = resolve(model_spec)
+    img = read_image(input_path, series_uid=series)
+    events.log(f"segmenting {input_path} with {bundle.describe()}")
+    label = segment_image(img, bundle, device=device, fast=fast, overlap=overlap, events=events)
+    write_image(label, out)
+    csv_path = bundle.labels.write_csv(labels_csv_path(out))
+    seconds = time.perf_counter() - t0
+    events.artifact(out, "segmentation", labels=str(csv_path), model=bundle.id, model_version=bundle.version,
+                    seconds=round(seconds, 3))
+    return {"output": str(out), "labels": str(csv_path), "seconds": seconds, "model": bundle.describe()}
