@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vocoslicer {__version__}")
     parser.add_argument("--debug", action="store_true", help="print full tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="more log output on stderr")
+    from vocoslicer.jobs.runner import add_job_arguments
+
+    add_job_arguments(parser)  # --run-dir / --events: every command can run as a background job
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
     import vocoslicer.commands as pkg
 
@@ -48,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command and return its exit code (never raises for expected errors)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -58,25 +62,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER
+    from vocoslicer.jobs.runner import start_job
+
+    job = None  # run.json / events / log.txt / signals (vocoslicer.jobs); outcome recorded by job.finish
+    error: BaseException | None = None
     try:
+        job = start_job(args, argv)
         runner = getattr(args, "runner", None)
-        if runner is not None:  # commands that support --run-dir wrap themselves (see vocoslicer.jobs)
-            return int(runner(args) or 0)
-        return int(args.func(args) or 0)
+        if runner is not None:  # commands that wrap themselves
+            code = int(runner(args) or 0)
+        else:
+            code = int(args.func(args) or 0)
     except VoCoError as exc:
         if args.debug:
             traceback.print_exc()
         prefix = "cancelled" if isinstance(exc, Cancelled) else "error"
         sys.stderr.write(f"vocoslicer: {prefix}: {exc}\n")
-        return exc.exit_code
+        code, error = exc.exit_code, exc
     except KeyboardInterrupt:
         sys.stderr.write("vocoslicer: cancelled: interrupted\n")
-        return Cancelled.exit_code
+        code, error = Cancelled.exit_code, Cancelled("interrupted")
+    except SystemExit as exc:  # a handler that exits on its own still gets its run recorded
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USER)
+        error = None if code == 0 else exc
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line for the user
         if args.debug:
             traceback.print_exc()
         sys.stderr.write(f"vocoslicer: internal error: {type(exc).__name__}: {exc} (rerun with --debug)\n")
-        return EXIT_CRASH
+        code, error = EXIT_CRASH, exc
+    if job is not None:
+        try:
+            job.finish(code, error)
+        except Exception as exc:  # noqa: BLE001 - recording the end must not change the outcome
+            sys.stderr.write(f"vocoslicer: warning: could not record the end of the run: {exc}\n")
+    return code
 
 
 if __name__ == "__main__":

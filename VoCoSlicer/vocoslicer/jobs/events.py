@@ -9,7 +9,11 @@ small and stable. Every event has ``t`` (unix time, float) and ``kind``:
 - ``warning``: ``message``
 - ``artifact``: ``path``, ``type`` (segmentation, model, checkpoint, table, ...), optional metadata
 - ``error``: ``message`` (one line, user-facing), optional ``code`` (exit code)
+- ``status``: ``status`` (queued/running), optional ``message``, ``pid``, ``waiting_for`` (who holds the GPU)
 - ``done``: ``status`` (ok/cancelled/failed), optional ``exit_code``
+
+A run ends with at most one ``error`` (on failure or cancel) followed by exactly one ``done``, unless the
+process was killed outright; clients treat a process that exits without ``done`` as ``dead``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-EVENT_KINDS = ("progress", "metric", "log", "warning", "artifact", "error", "done")
+EVENT_KINDS = ("progress", "metric", "log", "warning", "artifact", "error", "status", "done")
 
 
 def _clean(value: Any) -> Any:
@@ -53,7 +57,8 @@ class EventSink:
     """
 
     def __init__(self, path: str | Path | None = None, stdout: bool = False, rank: int = 0) -> None:
-        self._lock = threading.Lock()
+        # re-entrant: a signal handler runs on the main thread and may emit while that thread is mid-emit
+        self._lock = threading.RLock()
         self._streams: list[IO[str]] = []
         self._owned: list[IO[str]] = []
         self.rank = rank
@@ -102,6 +107,10 @@ class EventSink:
     def artifact(self, path: str | Path, type: str, **meta: Any) -> None:  # noqa: A002 - schema field name
         """Report a file the job produced."""
         self.emit("artifact", path=str(path), type=type, **meta)
+
+    def status(self, status: str, message: str = "", **extra: Any) -> None:
+        """Report a change of the run's state (``queued`` while waiting for a GPU, ``running``)."""
+        self.emit("status", status=status, message=message, **extra)
 
     def close(self) -> None:
         """Close the files this sink opened."""
