@@ -145,7 +145,23 @@ def read_image(path: str | os.PathLike[str], series_uid: str | None = None, vali
             img = reader.Execute()
         except RuntimeError as exc:
             raise UserError(f"{p}: cannot read image ({_first_line(exc)})") from None
-    return validate_image(img, str(p)) if validate else img
+    if validate:
+        img = validate_image(img, str(p))
+        if _ext(p) in (".nii", ".nii.gz") and img.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+            _check_nifti_nan(p)
+    return img
+
+
+def _check_nifti_nan(p: Path) -> None:
+    """ITK's NIfTI reader turns NaN voxels into 0 (water, in HU) without a word; look at the raw data instead."""
+    try:
+        import nibabel as nib
+    except ImportError:  # pragma: no cover - nibabel is a dependency
+        return
+    data = np.asanyarray(nib.load(str(p)).dataobj)
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise UserError(f"{p}: {bad} voxels are NaN or infinite")
 
 
 def write_image(img: sitk.Image, path: str | os.PathLike[str], compress: bool = True) -> Path:

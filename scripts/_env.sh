@@ -1,0 +1,22 @@
+# Shared set-up for scripts/demo.sh and scripts/test.sh: a project virtual environment in .venv with the engine
+# installed editable and the tested pins (constraints-ci.txt: the CPU torch wheel). Re-running is cheap: the
+# install is skipped while pyproject.toml and the constraints are unchanged.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VOCOSLICER_VENV:-$REPO/.venv}"
+PY="$VENV/bin/python"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x "$PY" ]; then
+  echo "[setup] creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+STAMP="$VENV/.vocoslicer-installed"
+WANT="$(cat "$REPO/pyproject.toml" "$REPO/constraints-ci.txt" | sha256sum | cut -c1-16)-$1"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  echo "[setup] installing the engine and its dependencies into $VENV (first run takes a minute or two)"
+  "$PY" -m pip install -q --upgrade pip
+  if [ "$1" = test ]; then EXTRA="[test]"; else EXTRA=""; fi
+  "$PY" -m pip install -q -c "$REPO/constraints-ci.txt" -e "$REPO$EXTRA"
+  echo "$WANT" > "$STAMP"
+fi
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
