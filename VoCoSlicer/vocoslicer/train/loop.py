@@ -113,7 +113,9 @@ class Trainer:
     ``no_grad``. ``after_step`` runs on every rank after each optimizer step (EMA updates, stage switches).
     ``extra_state`` objects (``state_dict``/``load_state_dict``) are saved in and restored from checkpoints; their
     states must be tensors/numbers/strings/containers (checkpoints load with ``weights_only=True``).
-    ``should_stop`` is polled after every step (a job's cancel flag); SIGTERM/SIGINT set the same flag.
+    ``should_stop`` is polled after every step (pass ``current_job().should_stop`` in a CLI job, whose context
+    already routes SIGTERM/SIGINT to it); without it, :meth:`fit` installs its own SIGTERM/SIGINT handlers that
+    request a stop, and restores the previous handlers when it returns.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, run_dir: Path | None, step_fn: StepFn, data: Iterable,
@@ -379,7 +381,7 @@ class Trainer:
             seed_everything(self.cfg.seed + 7919 * self.ctx.rank + 104729 * self.step)
 
     def _install_signal_handlers(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
+        if self.should_stop is not None or threading.current_thread() is not threading.main_thread():
             return {}
 
         def handler(signum: int, frame: Any) -> None:
