@@ -135,27 +135,20 @@ def official_state_dict(obj: Any, source: str = "checkpoint") -> tuple[dict[str,
     return sd, container, renames
 
 
-def load_official_weights(model: torch.nn.Module, checkpoint: str | os.PathLike[str] | Mapping[str, Any],
-                          source: str | None = None) -> LoadReport:
-    """Copy every checkpoint tensor whose (renamed) name and shape match into ``model``; report the rest.
+def match_state_dict(sd: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
+                     source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Keep the tensors of ``sd`` whose name and shape exist in ``target`` (a state dict, possibly on ``meta``).
 
-    Like the official ``load()``: tensors that do not match keep the model's current values. Unlike it, nothing
-    is silent: the returned report lists missing, unexpected and shape-mismatched keys.
+    Pure bookkeeping, no model needed: this is also how an official checkpoint becomes a bundle without
+    building a multi-gigabyte network in memory.
     """
-    if isinstance(checkpoint, Mapping):
-        src = source or "checkpoint"
-        obj: Any = checkpoint
-    else:
-        src = source or str(checkpoint)
-        obj = read_checkpoint(checkpoint)
-    sd, container, renames = official_state_dict(obj, src)
-    target = model.state_dict()
+    sd = dict(sd)
+    report = LoadReport(source=source)
     # v1 training checkpoints keep full student/teacher copies: use the student when nothing else matches
     if not (set(sd) & set(target)) and any(k.startswith("student.") for k in sd):
         sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
-        renames.append("student.->(removed), teacher.* dropped")
-    report = LoadReport(source=src, container=container, renames=renames)
-    new_state: dict[str, torch.Tensor] = {}
+        report.renames.append("student.->(removed), teacher.* dropped")
+    matched: dict[str, torch.Tensor] = {}
     for key, current in target.items():
         value = sd.get(key)
         if value is None:
@@ -163,8 +156,35 @@ def load_official_weights(model: torch.nn.Module, checkpoint: str | os.PathLike[
         elif tuple(value.shape) != tuple(current.shape):
             report.mismatched.append((key, tuple(value.shape), tuple(current.shape)))
         else:
-            new_state[key] = value.to(dtype=current.dtype)
+            matched[key] = value if value.dtype == current.dtype else value.to(dtype=current.dtype)
             report.loaded.append(key)
     report.unexpected = sorted(k for k in sd if k not in target)
-    model.load_state_dict(new_state, strict=False)
+    return matched, report
+
+
+def prepare_official(checkpoint: str | os.PathLike[str] | Mapping[str, Any], target: Mapping[str, torch.Tensor],
+                     source: str | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Read (if a path), select, rename and match a checkpoint against ``target``; nothing is loaded yet."""
+    if isinstance(checkpoint, Mapping):
+        src = source or "checkpoint"
+        obj: Any = checkpoint
+    else:
+        src = source or str(checkpoint)
+        obj = read_checkpoint(checkpoint)
+    sd, container, renames = official_state_dict(obj, src)
+    matched, report = match_state_dict(sd, target, src)
+    report.container = container
+    report.renames = renames + report.renames
+    return matched, report
+
+
+def load_official_weights(model: torch.nn.Module, checkpoint: str | os.PathLike[str] | Mapping[str, Any],
+                          source: str | None = None) -> LoadReport:
+    """Copy every checkpoint tensor whose (renamed) name and shape match into ``model``; report the rest.
+
+    Like the official ``load()``: tensors that do not match keep the model's current values. Unlike it, nothing
+    is silent: the returned report lists missing, unexpected and shape-mismatched keys.
+    """
+    matched, report = prepare_official(checkpoint, model.state_dict(), source)
+    model.load_state_dict(matched, strict=False)
     return report
