@@ -4,8 +4,9 @@
 runs``) never sees half a file. Its fields:
 
 - ``schema`` (1), ``id`` (folder name), ``command`` (e.g. ``segment`` or ``pretrain voco``), ``argv`` (the
-  arguments after ``python -m vocoslicer``, so a run can be relaunched with ``--resume``), ``config`` (parsed
-  options), ``python``, ``version``
+  arguments after ``python -m vocoslicer``), ``args`` (the same without the job options ``--run-dir`` and
+  ``--events``: what a client relaunches with ``--resume``), ``config`` (parsed options), ``python``,
+  ``version``, ``cuda_visible_devices`` (as the run saw it, so a resume lands on the same GPUs)
 - ``status``: ``queued`` (waiting for a GPU) | ``running`` | ``ok`` | ``failed`` | ``cancelled``
 - ``pid``, ``pid_start`` (kernel start time of the pid on Linux, to tell a reused pid apart), ``host``
 - ``created``, ``started``, ``updated``, ``ended`` (ISO 8601 UTC), ``attempt`` (1 + number of resumes)
@@ -126,6 +127,26 @@ def tail_lines(path: str | Path, n: int) -> list[str]:
     return lines[-n:] if n > 0 else []
 
 
+JOB_OPTIONS = ("--run-dir", "--events")
+
+
+def strip_job_options(argv: list[str]) -> list[str]:
+    """``argv`` without the global job options (they come before the command, each with one value)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("-"):
+            return out + argv[i:]
+        if token in JOB_OPTIONS:
+            i += 2
+            continue
+        if not token.startswith(tuple(o + "=" for o in JOB_OPTIONS)):
+            out.append(token)
+        i += 1
+    return out
+
+
 class RunRecord:
     """The engine's writer of ``run.json``: holds the current fields and rewrites the file atomically."""
 
@@ -147,8 +168,10 @@ class RunRecord:
             "id": run_dir.name,
             "command": command,
             "argv": argv,
+            "args": strip_job_options(argv),
             "config": config,
             "python": sys.executable,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "version": version,
             "status": "running",
             "pid": pid,
