@@ -146,16 +146,17 @@ def test_malformed_and_partial_event_lines(tmp_path):
     writer = (
         "import json, os, socket, sys, time\n"
         "d = sys.argv[1]\n"
-        "json.dump({'status': 'running', 'pid': os.getpid(), 'host': socket.gethostname()},"
-        " open(d + '/run.json', 'w'))\n"
+        "def put(obj):\n"
+        "    with open(d + '/tmp.json', 'w') as fh: json.dump(obj, fh)\n"
+        "    os.replace(d + '/tmp.json', d + '/run.json')\n"
+        "put({'status': 'running', 'pid': os.getpid(), 'host': socket.gethostname()})\n"
         "f = open(d + '/events.jsonl', 'a')\n"
         "f.write('{\"t\":1,\"kind\":\"progress\",\"step\":1,\"total\":2}\\nnot json at all\\n[1,2]\\n'); f.flush()\n"
         "f.write('{\"t\":2,\"kind\":\"progress\",'); f.flush(); time.sleep(0.6)\n"
         "f.write('\"step\":2,\"total\":2}\\n'); f.flush()\n"
         "f.write('{\"t\":3,\"kind\":\"done\",\"status\":\"ok\",\"exit_code\":0}\\n'); f.flush()\n"
         "time.sleep(0.3)\n"
-        "json.dump({'status': 'ok', 'exit_code': 0, 'pid': os.getpid(), 'host': socket.gethostname()},"
-        " open(d + '/run.json', 'w'))\n"
+        "put({'status': 'ok', 'exit_code': 0, 'pid': os.getpid(), 'host': socket.gethostname()})\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", writer, str(run_dir)])
     deadline = time.monotonic() + 10
