@@ -1,0 +1,322 @@
+"""Degree of anisotropy (DA) and a batch sampler that keeps one DA per batch (PUMIT, spec §1.2, §6.2).
+
+All spacings here are **depth first** ``(s_z, s_y, s_x)``, like the (D, H, W) arrays. A SAC network's token grid
+depends on the DA, so crops of different DA have different voxel shapes but the same token grid; grouping crops by
+DA makes every batch stackable and lets mixed-spacing data (2D photos, thick-slice MR, isotropic CT) train together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TWO_D_DEPTH_SPACING = 1e8  # a 2D image is one slice "with sufficiently large thickness"
+
+
+def degree_of_anisotropy(spacing_zyx: Sequence[float], zoom_z: float = 1.0, zoom_x: float = 1.0,
+                         stride: int | None = 16) -> int:
+    """DA = floor(log2 r), r = clip(s_z*zoom_z / (min(s_y, s_x)*zoom_x), 1, 2*stride).
+
+    ``stride=None`` drops the upper clip (the official validation path). Floor, not round: 5 mm slices with
+    0.8 mm pixels (r = 6.25) give DA 2.
+    """
+    s_z, s_y, s_x = (float(v) for v in spacing_zyx)
+    if min(s_z, s_y, s_x) <= 0 or not all(math.isfinite(v) for v in (s_z, s_y, s_x)):
+        raise ValueError(f"spacing must be positive and finite, got {tuple(spacing_zyx)}")
+    r = s_z * zoom_z / (min(s_y, s_x) * zoom_x)
+    r = max(r, 1.0) if stride is None else min(max(r, 1.0), 2.0 * stride)
+    return int(r).bit_length() - 1
+
+
+def crop_shape(da: int, tokens_z: int, tokens_xy: int, stride: int = 16) -> tuple[int, int, int]:
+    """Voxel crop (D, H, W) that a SAC network of total in-plane stride ``stride`` maps to (tz, txy, txy) tokens.
+
+    Depth per token is ``max(stride >> DA, 1)``; when 2^DA > stride (2D images) the crop is one slice.
+    """
+    dz = max(stride >> da, 1)
+    tz = 1 if (1 << da) > stride else tokens_z
+    return tz * dz, tokens_xy * stride, tokens_xy * stride
+
+
+def token_grid(crop: Sequence[int], da: int, stride: int = 16) -> tuple[int, int, int]:
+    """Token grid of a crop under the SAC rules (inverse of :func:`crop_shape`)."""
+    dz = max(stride >> da, 1)
+    return crop[0] // dz, crop[1] // stride, crop[2] // stride
+
+
+def depth_first(array: np.ndarray, spacing_zyx: Sequence[float]) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Move the coarsest axis first when it is strictly coarser than the two others (thick slices = depth)."""
+    sp = [float(v) for v in spacing_zyx]
+    axis = int(np.argmax(sp))
+    others = [sp[i] for i in range(3) if i != axis]
+    if axis == 0 or sp[axis] <= max(others):
+        return array, (sp[0], sp[1], sp[2])
+    order = [axis] + [i for i in range(3) if i != axis]
+    lead = array.ndim - 3
+    arr = np.transpose(array, list(range(lead)) + [lead + i for i in order])
+    return arr, (sp[order[0]], sp[order[1]], sp[order[2]])
+
+
+@dataclass(frozen=True)
+class CropRequest:
+    """One sampled crop: which item, its DA, the augmentation zooms and the voxel crop size."""
+
+    index: int
+    da: int
+    zoom_z: float
+    zoom_x: float
+    shape: tuple[int, int, int]
+
+
+class SameDABatchSampler:
+    """Yields batches (lists of :class:`CropRequest`) whose crops all share one DA.
+
+    Items are drawn by weight, each gets random zooms (σ_x ~ U(0.75, min(min(H,W)/(stride*tx), 2)) w.p. ``p_zoom_x``;
+    σ_z ~ U(0.8, 1.25) w.p. ``p_zoom_z`` only for near-isotropic items), its DA and crop size, and goes into a
+    bucket keyed by DA; a full bucket becomes a batch. All ranks draw the same stream and take batches
+    round-robin, so distributed runs need no communication; ``start_batch`` skips already-consumed batches on resume.
+    """
+
+    def __init__(self, shapes: Sequence[Sequence[int]], spacings: Sequence[Sequence[float]], batch_size: int,
+                 tokens_z: int, tokens_xy: int, stride: int = 16, weights: Sequence[float] | None = None,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, zoom: bool = True,
+                 p_zoom_x: float = 0.5, p_zoom_z: float = 0.3, isotropic_th: float = 1.5) -> None:
+        if len(shapes) != len(spacings) or not shapes:
+            raise ValueError("need one shape and one spacing per item, and at least one item")
+        self.shapes = [tuple(int(v) for v in s[-3:]) for s in shapes]
+        self.spacings = [tuple(float(v) for v in s) for s in spacings]
+        self.batch_size = int(batch_size)
+        self.tokens_z, self.tokens_xy, self.stride = tokens_z, tokens_xy, stride
+        w = np.ones(len(shapes)) if weights is None else np.asarray(weights, dtype=np.float64)
+        self.p = w / w.sum()
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.zoom, self.p_zoom_x, self.p_zoom_z, self.isotropic_th = zoom, p_zoom_x, p_zoom_z, isotropic_th
+        self.start_batch = 0
+
+    def _request(self, rng: np.random.Generator, index: int) -> CropRequest:
+        d, h, w = self.shapes[index]
+        s_z, s_y, s_x = self.spacings[index]
+        zoom_x = zoom_z = 1.0
+        if self.zoom:
+            hi = min(min(h, w) / (self.stride * self.tokens_xy), 2.0)
+            if hi > 0.75 and rng.random() < self.p_zoom_x:
+                zoom_x = float(rng.uniform(0.75, hi))
+            if s_z <= self.isotropic_th * min(s_y, s_x) and rng.random() < self.p_zoom_z:
+                zoom_z = float(rng.uniform(0.8, 1.25))
+        da = degree_of_anisotropy((s_z, s_y, s_x), zoom_z, zoom_x, self.stride)
+        return CropRequest(index, da, zoom_z, zoom_x, crop_shape(da, self.tokens_z, self.tokens_xy, self.stride))
+
+    def batches(self) -> Iterator[list[CropRequest]]:
+        """Endless stream of this rank's same-DA batches (deterministic in ``seed``)."""
+        rng = np.random.default_rng(self.seed)
+        buckets: dict[int, list[CropRequest]] = {}
+        produced = 0
+        while True:
+            for index in rng.choice(len(self.p), size=1024, p=self.p):
+                req = self._request(rng, int(index))
+                bucket = buckets.setdefault(req.da, [])
+                bucket.append(req)
+                if len(bucket) < self.batch_size:
+                    continue
+                buckets[req.da] = []
+                if produced >= self.start_batch * self.world_size and produced % self.world_size == self.rank:
+                    yield bucket
+                produced += 1
+
+    def __iter__(self) -> Iterator[list[CropRequest]]:
+        return self.batches()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Volumes on disk -> cached depth-first float16 arrays -> same-DA crops
+
+IMAGE_2D_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class VolumeItem:
+    """One training image: cached array (C, D, H, W) float16 in [0, 1], depth-first spacing, source path."""
+
+    array_path: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    source: str
+
+
+def _to_unit_range(arr: np.ndarray, is_8bit: bool) -> np.ndarray:
+    """8-bit images /255; others clip-scale to [p0.5, p99.5] of the voxels above the minimum (official rule)."""
+    arr = arr.astype(np.float32)
+    if is_8bit:
+        return arr / 255.0
+    above = arr[arr > arr.min()]
+    if above.size == 0:
+        return np.zeros_like(arr)
+    lo, hi = np.percentile(above, (0.5, 99.5))
+    if hi <= lo:
+        hi = lo + 1.0
+    return np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+
+
+def load_volume_array(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Read a volume, DICOM folder or 2D image as (C, D, H, W) float32 in [0, 1] and depth-first spacing.
+
+    2D images become one slice with depth spacing 1e8 (so their DA is the maximum); colour channels are kept.
+    """
+    import SimpleITK as sitk
+
+    from vocoslicer.errors import UserError
+    from vocoslicer.io.volume import read_image
+
+    p = Path(path)
+    img = read_image(p, validate=False)
+    if img.GetDimension() == 4 and img.GetSize()[3] == 1:
+        img = img[:, :, :, 0]
+    arr = sitk.GetArrayFromImage(img)  # (z, y, x[, c]) or (y, x[, c])
+    comps = img.GetNumberOfComponentsPerPixel()
+    if comps == 1:
+        arr = arr[..., None]
+    if img.GetDimension() == 2:
+        arr = arr[None]
+        sx, sy = img.GetSpacing()
+        spacing = (TWO_D_DEPTH_SPACING, float(sy), float(sx))
+    elif img.GetDimension() == 3:
+        sx, sy, sz = img.GetSpacing()
+        spacing = (float(sz), float(sy), float(sx))
+    else:
+        raise UserError(f"{p}: expected a 2D or 3D image, got {img.GetDimension()}D")
+    if comps == 4:  # RGBA -> RGB
+        arr = arr[..., :3]
+    is_8bit = img.GetPixelID() in (sitk.sitkUInt8, sitk.sitkVectorUInt8)
+    chw = np.moveaxis(_to_unit_range(arr, is_8bit), -1, 0)  # (C, D, H, W)
+    if chw.shape[1] > 1:
+        chw, spacing = depth_first(chw, spacing)
+    return np.ascontiguousarray(chw), spacing
+
+
+def _cache_key(path: Path) -> str:
+    import hashlib
+
+    st = path.stat() if path.is_file() else None
+    text = f"{path.resolve()}|{st.st_size if st else 'dir'}|{st.st_mtime_ns if st else 0}|v1"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def prepare_volumes(paths: Sequence[str | Path], cache_dir: str | Path) -> list[VolumeItem]:
+    """Convert every input once into ``cache_dir/<key>.npy`` (float16, read later with mmap) and list them."""
+    import json
+
+    from vocoslicer.io.atomic import atomic_path, atomic_write_json
+
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    items = []
+    for src in paths:
+        p = Path(src)
+        key = _cache_key(p)
+        npy, meta = cache / f"{key}.npy", cache / f"{key}.json"
+        if not (npy.is_file() and meta.is_file()):
+            arr, spacing = load_volume_array(p)
+            with atomic_path(npy) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, arr.astype(np.float16))
+            atomic_write_json(meta, {"shape": list(arr.shape), "spacing": list(spacing), "source": str(p)})
+        info = json.loads(meta.read_text(encoding="utf-8"))
+        items.append(VolumeItem(str(npy), tuple(info["shape"][1:]), tuple(info["spacing"]), str(p)))
+    return items
+
+
+def find_inputs(folders: Sequence[str | Path]) -> list[Path]:
+    """Volume files, 2D images and DICOM series folders found (recursively) under ``folders``, sorted."""
+    from vocoslicer.errors import UserError
+    from vocoslicer.io.volume import VOLUME_EXTENSIONS
+
+    found: set[Path] = set()
+    for folder in folders:
+        root = Path(folder)
+        if root.is_file():
+            found.add(root)
+            continue
+        if not root.is_dir():
+            raise UserError(f"{root}: no such file or folder")
+        for f in root.rglob("*"):
+            name = f.name.lower()
+            if f.is_file() and name.endswith(VOLUME_EXTENSIONS + IMAGE_2D_EXTENSIONS) and "_truth" not in name \
+                    and not name.endswith(".seg.nrrd"):
+                found.add(f)
+            elif f.is_file() and name.endswith(".dcm"):
+                found.add(f.parent)
+    if not found:
+        raise UserError(f"{', '.join(str(f) for f in folders)}: no images found (.nii.gz, .nrrd, .mha, DICOM, .png)")
+    return sorted(found)
+
+
+class DACropDataset:
+    """Map-style dataset indexed by :class:`CropRequest`: a crop of the requested shape, zoom and light augmentation.
+
+    Returns ``{"image": (channels, D, H, W) float32 in [0, 1], "aniso_d": DA}``; grey images are replicated to
+    ``channels``.
+    """
+
+    def __init__(self, items: Sequence[VolumeItem], channels: int = 3, augment: bool = True) -> None:
+        self.items, self.channels, self.augment = list(items), channels, augment
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _array(self, i: int) -> np.ndarray:
+        return np.load(self.items[i].array_path, mmap_mode="r")
+
+    def __getitem__(self, req: CropRequest) -> dict:
+        import torch
+        import torch.nn.functional as F
+
+        arr = self._array(req.index)
+        full = arr.shape[1:]
+        region = [max(1, round(s * z)) for s, z in zip(req.shape, (req.zoom_z, req.zoom_x, req.zoom_x), strict=True)]
+        starts = [int(torch.randint(0, max(n - r, 0) + 1, ()).item()) for n, r in zip(full, region, strict=True)]
+        sl = tuple(slice(s, s + r) for s, r in zip(starts, region, strict=True))
+        x = torch.from_numpy(np.asarray(arr[(slice(None), *sl)], dtype=np.float32))
+        pad = [r - n for n, r in zip(x.shape[1:], region, strict=True)]
+        if any(pad):
+            x = F.pad(x, [v for p in reversed(pad) for v in (p // 2, p - p // 2)])
+        if tuple(x.shape[1:]) != tuple(req.shape):
+            x = F.interpolate(x[None], size=req.shape, mode="trilinear", align_corners=False)[0]
+        if self.augment:
+            x = _augment(x)
+        if x.shape[0] == 1 and self.channels > 1:
+            x = x.expand(self.channels, -1, -1, -1)
+        elif x.shape[0] != self.channels:
+            x = x.mean(0, keepdim=True).expand(self.channels, -1, -1, -1)
+        return {"image": x.contiguous(), "aniso_d": req.da}
+
+
+def _augment(x):  # noqa: ANN001, ANN202 - torch tensor in, tensor out (torch imported lazily)
+    """Flips (p 0.5 per axis), intensity scale ±25 % (p 0.15), contrast (p 0.15), (inverted) gamma (p 0.3)."""
+    import torch
+
+    for axis in (1, 2, 3):
+        if x.shape[axis] > 1 and torch.rand(()) < 0.5:
+            x = x.flip(axis)
+    if torch.rand(()) < 0.15:
+        x = x * float(torch.empty(()).uniform_(0.75, 1.25))
+    x = x.clamp(0, 1)
+    if torch.rand(()) < 0.15:
+        mean = x.mean()
+        x = ((x - mean) * float(torch.empty(()).uniform_(0.75, 1.25)) + mean).clamp(0, 1)
+    if torch.rand(()) < 0.3:
+        gamma = float(torch.empty(()).uniform_(0.7, 1.5))
+        x = 1 - (1 - x).pow(gamma) if torch.rand(()) < 0.5 else x.pow(gamma)
+    return x
+
+
+def collate_same_da(samples: Sequence[dict]) -> dict:
+    """Stack a same-DA batch; ``aniso_d`` travels as a plain int."""
+    import torch
+
+    if len({s["aniso_d"] for s in samples}) != 1:
+        raise ValueError("a batch mixes degrees of anisotropy")
+    return {"image": torch.stack([s["image"] for s in samples]), "aniso_d": samples[0]["aniso_d"]}
