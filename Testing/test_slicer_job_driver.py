@@ -1,0 +1,67 @@
+"""VoCoSlicerLib.job_driver with real engine child processes (``vocoslicer selftest job``), as the widgets'
+QTimer drives it: chains, failures with the job's own message, cancel, resume and reattach."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from VoCoSlicerLib.job_driver import JobDriver
+from VoCoSlicerLib.state import JobState
+
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def _run(driver: JobDriver, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while driver.busy and time.monotonic() < deadline:
+        driver.tick()
+        time.sleep(0.05)
+    assert not driver.busy, "job did not finish in time"
+
+
+def test_chain_runs_in_order_and_folds_progress_metrics_and_log():
+    finished = []
+    d = JobDriver("Segment", on_finished=finished.append)
+    d.start([["selftest", "job", "--steps", "2", "--sleep", "0"], ["selftest", "job", "--steps", "3", "--sleep", "0"]],
+            env=ENV, python=sys.executable)
+    assert d.state.view().button_text == "Cancel"
+    _run(d)
+    assert d.state.state is JobState.DONE and finished == [d]
+    assert d.metrics.arrays("train/value")[1].tolist() == [1.0, 2.0, 3.0]  # second command's metrics
+    assert sum(line.startswith("$ ") for line in d.log) == 2 and "selftest job --steps 3" in d.log_text()
+    with pytest.raises(ValueError):
+        d.start([])
+
+
+def test_failure_shows_the_jobs_own_message_and_stops_the_chain():
+    d = JobDriver("Finetune")
+    d.start([["selftest", "job", "--steps", "3", "--sleep", "0", "--fail-at", "2"], ["selftest", "job"]],
+            env=ENV, python=sys.executable)
+    _run(d)
+    assert d.state.state is JobState.FAILED
+    assert "failing at step 2" in d.state.message and "failing at step 2" in d.state.view().progress_text
+    assert sum(line.startswith("$ ") for line in d.log) == 1  # the second command never started
+
+
+def test_cancel_then_resume_then_reattach(tmp_path):
+    run = tmp_path / "run"
+    d = JobDriver("Launch")
+    d.start([["selftest", "job", "--steps", "60", "--sleep", "0.05"]], run_dir=run, env=ENV, python=sys.executable)
+    deadline = time.monotonic() + 60
+    while d.state.fraction is None and time.monotonic() < deadline:  # wait for the first step
+        d.tick()
+        time.sleep(0.05)
+    d.cancel()
+    assert d.state.state is JobState.CANCELLING
+    _run(d)
+    assert d.state.state is JobState.IDLE and d.state.message
+    d.resume(run)
+    _run(d, timeout=120)
+    assert d.state.state is JobState.DONE and "resuming after step" in d.log_text()
+    later = JobDriver("Launch")  # a new Slicer session: reattach to the finished run, replay its curves
+    later.attach(run)
+    _run(later)
+    assert later.state.state is JobState.DONE and later.metrics.last("train/value") == 60.0

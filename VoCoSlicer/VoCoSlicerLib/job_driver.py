@@ -1,0 +1,168 @@
+"""One background job as a panel drives it: job client + state machine + curves + log, advanced by ``tick()``.
+
+The widget owns only a ``qt.QTimer`` that calls :meth:`JobDriver.tick` and redraws from :attr:`JobDriver.state`;
+everything else (starting, chaining commands, cancel, reattach, resume, folding events into progress, metrics
+and the log) is here, Qt-free, and tested with real child processes.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from VoCoSlicerLib.engine import python_executable, shell_command
+from VoCoSlicerLib.job_runs import FINAL, read_run
+from VoCoSlicerLib.jobs import Job
+from VoCoSlicerLib.plots import MetricHistory, Throughput
+from VoCoSlicerLib.state import JobState, JobStateMachine
+
+
+class JobDriver:
+    """Runs one command, or a chain of commands (each must succeed), and follows it.
+
+    >>> d = JobDriver("Segment")
+    >>> d.start([["selftest", "job", "--steps", "3"]])   # doctest: +SKIP
+    >>> while d.busy: d.tick()                            # the widget's QTimer does this  # doctest: +SKIP
+    """
+
+    def __init__(self, action: str, on_finished: Callable[[JobDriver], None] | None = None,
+                 on_change: Callable[[JobState, JobState], None] | None = None, log_lines: int = 2000) -> None:
+        self.state = JobStateMachine(action=action, on_change=on_change)
+        self.on_finished = on_finished
+        self.job: Job | None = None
+        self.metrics = MetricHistory()
+        self.throughput = Throughput()
+        self.log: collections.deque[str] = collections.deque(maxlen=log_lines)
+        self.artifacts: list[dict[str, Any]] = []
+        self.python: str | None = None
+        self._pending: list[list[str]] = []
+        self._launch: dict[str, Any] = {}
+        self.run_dir: Path | None = None
+
+    @property
+    def busy(self) -> bool:
+        """True while a job runs or is being cancelled."""
+        return self.state.busy
+
+    def _reset_outputs(self) -> None:
+        self.metrics, self.throughput, self.artifacts = MetricHistory(), Throughput(), []
+
+    def start(self, commands: Sequence[Sequence[str]], run_dir: str | os.PathLike[str] | None = None,
+              env: Mapping[str, str] | None = None, detached: bool = False, python: str | None = None) -> None:
+        """Launch ``commands[0]`` now and the others one after the other, each only if the previous succeeded.
+
+        ``run_dir`` (single command only) keeps events, log and checkpoints there, so the run can be reattached
+        or resumed after a Slicer restart. Raises the job client's error if the first one cannot start.
+        """
+        if self.busy:
+            raise RuntimeError("a job is already running; cancel it first")
+        if not commands:
+            raise ValueError("nothing to run")
+        if run_dir is not None and len(commands) != 1:
+            raise ValueError("a run directory holds one command")
+        self._reset_outputs()
+        self.python = python or self.python or python_executable()
+        self._pending = [list(map(str, c)) for c in commands]
+        self._launch = {"run_dir": run_dir, "env": dict(env or {}), "detached": detached}
+        self.state.start()
+        try:
+            self._start_next()
+        except Exception as exc:
+            self.state.finish("failed", str(exc))
+            raise
+
+    def _start_next(self) -> None:
+        args = self._pending.pop(0)
+        self.log.append(f"$ {shell_command(args, self.python)}")
+        self.job = Job.start(args, python=self.python, **self._launch)
+        self.run_dir = self.job.run_dir
+
+    def attach(self, run_dir: str | os.PathLike[str]) -> None:
+        """Follow a run started earlier (e.g. before Slicer was restarted), replaying its events from the start."""
+        if self.busy:
+            raise RuntimeError("a job is already running; cancel it first")
+        self._reset_outputs()
+        self._pending = []
+        self.job = Job.attach(run_dir, offset=0)
+        self.run_dir = self.job.run_dir
+        self.log.append(f"attached to {self.run_dir}")
+        self.state.start(stage="attached")
+
+    def resume(self, run_dir: str | os.PathLike[str], detached: bool = False) -> None:
+        """Relaunch a stopped/failed run's command with ``--resume`` (continues from its last checkpoint)."""
+        if self.busy:
+            raise RuntimeError("a job is already running; cancel it first")
+        self._reset_outputs()
+        self._pending = []
+        self.state.start(stage="resuming")
+        try:
+            self.job = Job.resume(run_dir, python=self.python, detached=detached)
+        except Exception as exc:
+            self.state.finish("failed", str(exc))
+            raise
+        self.run_dir = self.job.run_dir
+        self.log.append(f"$ {' '.join(self.job.argv)}")
+
+    def cancel(self) -> None:
+        """Ask the running job to stop (it checkpoints first); queued commands are dropped."""
+        if self.job is None or not self.state.busy or self.state.state is JobState.CANCELLING:
+            return
+        self._pending = []
+        self.state.request_cancel()
+        self.job.cancel()
+
+    def tick(self) -> list[dict[str, Any]]:
+        """Poll the job once: fold its new events in; start the next command or finish when it has ended."""
+        if self.job is None or not self.busy:
+            return []
+        events = self.job.poll()
+        for ev in events:
+            self._fold(ev)
+        if not self.job.running:
+            status, message = self._outcome()
+            if status == "ok" and self._pending and self.state.state is JobState.RUNNING:
+                self._start_next()
+                return events
+            if self.state.busy:
+                self.state.finish(status, message)
+            if self.on_finished is not None:
+                self.on_finished(self)
+        return events
+
+    def _outcome(self) -> tuple[str, str]:
+        # run.json is the engine's own record (the client completes it when the engine could not); it wins over
+        # what the client inferred from the event stream, e.g. when a replayed run holds several attempts
+        status, message = self.job.status, self.job.error or ""
+        if self.job.run_dir is not None:
+            run = read_run(self.job.run_dir)
+            if run.get("status") in FINAL:
+                status, message = run["status"], run.get("error") or ""
+        status = status if status in ("ok", "cancelled") else "failed"
+        return status, "" if status == "ok" else message
+
+    def _fold(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("kind")
+        if kind == "done":  # the driver decides when the chain is finished
+            return
+        self.state.apply_event(ev)
+        self.metrics.add(ev)
+        self.throughput.add(ev)
+        if kind == "artifact":
+            self.artifacts.append(ev)
+        elif kind in ("log", "warning", "error"):
+            prefix = "" if kind == "log" else f"{kind}: "
+            self.log.append(prefix + str(ev.get("message", "")))
+
+    def artifact(self, type_: str) -> dict[str, Any] | None:
+        """The latest artifact event of a type (``segmentation``, ``model``, ...), or None."""
+        for ev in reversed(self.artifacts):
+            if ev.get("type") == type_:
+                return ev
+        return None
+
+    def log_text(self) -> str:
+        """The log as one string for a text view."""
+        return "\n".join(self.log)

@@ -1,0 +1,172 @@
+"""Module parameters as plain dataclasses, and their mapping to engine command lines.
+
+The Slicer parameter-node wrappers in the module files mirror these fields one to one (a static test checks
+it), so the GUI binding and the command line cannot drift apart. Every ``*_args`` function returns the command's
+arguments after ``python -m vocoslicer [--run-dir DIR] [--events stdout]`` (the job options, added by the job
+client); keeping them here, small and tested, makes engine CLI changes cheap to follow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DEVICES = ("auto", "cuda", "cpu")
+PRETRAIN_METHODS = ("voco", "tokenizer", "mim")
+MODEL_SIZES = ("B", "L", "H")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+@dataclass
+class SegmentParams:
+    """VoCoSegment's Segment/Classify options."""
+
+    model: str = ""  # installed model ID, ID@VERSION or bundle path; "" = the bundled demo model
+    device: str = "auto"
+    fast: bool = False
+    useWarmWorker: bool = True  # noqa: N815 - Slicer parameter names are camelCase
+    show3D: bool = False  # noqa: N815
+
+    def segment_args(self, input_path: str, output_path: str) -> list[str]:
+        """``segment IN -o OUT [--model M] [--device D] [--fast]``."""
+        _check_choice("device", self.device, DEVICES)
+        args = ["segment", str(input_path), "-o", str(output_path)]
+        if self.model:
+            args += ["--model", self.model]
+        args += ["--device", self.device]
+        if self.fast:
+            args.append("--fast")
+        return args
+
+    def classify_args(self, input_path: str, output_json: str) -> list[str]:
+        """``classify IN -o OUT.json [--model M] [--device D]``."""
+        _check_choice("device", self.device, DEVICES)
+        args = ["classify", str(input_path), "-o", str(output_json)]
+        if self.model:
+            args += ["--model", self.model]
+        return [*args, "--device", self.device]
+
+
+@dataclass
+class CohortParams:
+    """Where corrected cases go, and who corrected them (provenance)."""
+
+    cohortDir: str = ""  # noqa: N815
+    annotator: str = ""
+
+    def add_args(self, image: str, label: str | None = None, labels_csv: str | None = None, model_id: str = "",
+                 model_version: str = "", corrected: bool = True) -> list[str]:
+        """``cohort add COHORT --image IMG [--label L --labels CSV] [--model-id ..] [--uncorrected] [--by ..]``."""
+        if not self.cohortDir:
+            raise ValueError("choose a cohort folder first")
+        if labels_csv and not label:
+            raise ValueError("a labels table needs a label map")
+        args = ["cohort", "add", self.cohortDir, "--image", str(image)]
+        if label:
+            args += ["--label", str(label)]
+            if labels_csv:
+                args += ["--labels", str(labels_csv)]
+            if not corrected:
+                args.append("--uncorrected")
+        if model_id:
+            args += ["--model-id", model_id]
+        if model_version:
+            args += ["--model-version", model_version]
+        if self.annotator:
+            args += ["--by", self.annotator]
+        return args
+
+    def list_args(self) -> list[str]:
+        """``cohort list COHORT --json``."""
+        if not self.cohortDir:
+            raise ValueError("choose a cohort folder first")
+        return ["cohort", "list", self.cohortDir, "--json"]
+
+
+@dataclass
+class FinetuneParams:
+    """VoCoSegment's Finetune settings (the base model is the one selected for segmentation)."""
+
+    baseModel: str = ""  # noqa: N815 - installed ID, ID@VERSION, bundle path or checkpoint
+    cohortDir: str = ""  # noqa: N815
+    steps: int = 200
+    learningRate: float = 1e-4  # noqa: N815
+    batchSize: int = 2  # noqa: N815
+    semiSupervised: bool = True  # noqa: N815 - also learn from unlabelled cases (confident pseudo-labels)
+    device: str = "auto"
+
+    def args(self, out_dir: str, resume: bool = False) -> list[str]:
+        """``finetune --cohort C --init M --out RUN --steps N --lr LR --batch B --semi|--no-semi --device D``."""
+        if not self.cohortDir:
+            raise ValueError("choose a cohort folder first")
+        if not self.baseModel:
+            raise ValueError("choose the model to finetune")
+        _check_choice("device", self.device, DEVICES)
+        _check_positive("steps", self.steps)
+        _check_positive("learning rate", self.learningRate)
+        _check_positive("batch size", self.batchSize)
+        args = ["finetune", "--cohort", self.cohortDir, "--init", self.baseModel, "--out", str(out_dir),
+                "--steps", str(self.steps), "--lr", f"{self.learningRate:g}", "--batch", str(self.batchSize),
+                "--semi" if self.semiSupervised else "--no-semi", "--device", self.device]
+        return [*args, "--resume"] if resume else args
+
+
+@dataclass
+class PretrainParams:
+    """VoCoPretrain's run settings."""
+
+    method: str = "voco"
+    dataDirs: list[str] = field(default_factory=list)  # noqa: N815
+    modelSize: str = "B"  # noqa: N815
+    gpus: int = 1
+    steps: int = 1000
+    batchSize: int = 2  # noqa: N815
+    cropSize: int = 96  # noqa: N815
+    outputDir: str = ""  # noqa: N815
+    initCheckpoint: str = ""  # noqa: N815
+
+    def args(self, resume: bool = False, print_torchrun: bool = False) -> list[str]:
+        """``pretrain METHOD --data D.. --size S --steps N --batch B --crop C --output O [--init CKPT] ...``."""
+        _check_choice("method", self.method, PRETRAIN_METHODS)
+        _check_choice("model size", self.modelSize, MODEL_SIZES)
+        if not self.dataDirs:
+            raise ValueError("add at least one data folder")
+        if not self.outputDir:
+            raise ValueError("choose an output folder")
+        for name in ("gpus", "steps", "batchSize", "cropSize"):
+            _check_positive(name, getattr(self, name))
+        args = ["pretrain", self.method, "--data", *self.dataDirs, "--size", self.modelSize,
+                "--steps", str(self.steps), "--batch", str(self.batchSize), "--crop", str(self.cropSize),
+                "--output", self.outputDir, "--gpus", str(self.gpus)]
+        if self.initCheckpoint:
+            args += ["--init", self.initCheckpoint]
+        if resume:
+            args.append("--resume")
+        if print_torchrun:
+            args.append("--print-torchrun")
+        return args
+
+
+def field_names(cls: type) -> list[str]:
+    """The parameter names of a params dataclass (what the parameter-node wrapper must mirror)."""
+    return [f.name for f in fields(cls)]
+
+
+def from_parameter_node(cls: type, wrapper: Any) -> Any:
+    """Build a params dataclass from a parameter-node wrapper (or any object with the same attributes)."""
+    values = {}
+    for name in field_names(cls):
+        value = getattr(wrapper, name)
+        if hasattr(value, "as_posix"):  # pathlib.Path from a ctkPathLineEdit binding
+            value = "" if str(value) in ("", ".") else str(value)
+        values[name] = list(value) if isinstance(value, (list, tuple)) else value
+    return cls(**values)
