@@ -26,6 +26,7 @@ from vocoslicer.data.phantom_shapes import (
 
 LIVER, SPLEEN, KIDNEY_R, KIDNEY_L, AORTA, VERTEBRAE, STOMACH, LUNGS = range(1, 9)
 _A0, _B0 = 157.0, 117.0  # reference body semi-axes (x, y) in mm
+_LAYERS = 30.5  # reference skin + subcutaneous fat + muscle wall thickness (mm)
 _LEVELS = 8  # body cross-sections quantised to this many scales along z (cheap 2D work, smooth enough)
 
 
@@ -44,11 +45,13 @@ class Body:
 
     @property
     def sx(self) -> float:
-        return self.a / _A0
+        """Left-right scale of the abdominal cavity (organs live in it, whatever the wall thickness)."""
+        return (self.a - self.skin - self.fat - self.wall) / (_A0 - _LAYERS)
 
     @property
     def sy(self) -> float:
-        return self.b / _B0
+        """Antero-posterior scale of the abdominal cavity."""
+        return (self.b - self.skin - self.fat - self.wall) / (_B0 - _LAYERS)
 
     @property
     def inner_y(self) -> float:
@@ -75,7 +78,7 @@ def make_body(cv: Canvas, rng: np.random.Generator) -> Body:
     """Draw the body and paint its wall (skin, subcutaneous fat, muscle) and paraspinal muscles."""
     a = _A0 * rng.uniform(0.88, 1.05)
     b = _B0 * rng.uniform(0.88, 1.05)
-    skin, fat, wall = 2.0, rng.uniform(8.0, 25.0), rng.uniform(9.0, 15.0)
+    skin, fat, wall = 2.0, rng.uniform(8.0, 22.0), rng.uniform(9.0, 15.0)
     hu_skin, hu_fat, hu_muscle, hu_visc = 30.0, rng.uniform(-115, -90), rng.uniform(45, 60), rng.uniform(-100, -75)
     taper, phase = rng.uniform(0.02, 0.05), rng.uniform(0, 2 * np.pi)
     para_x, para_a, para_b = rng.uniform(34, 42), rng.uniform(22, 30), rng.uniform(16, 22)
@@ -138,7 +141,7 @@ def paint_anatomy(cv: Canvas, rng: np.random.Generator) -> None:
     """Draw one patient from ``rng`` and paint it on ``cv`` (background context first, labelled organs last)."""
     body = make_body(cv, rng)
     sx, sy = body.sx, body.sy
-    g = float(np.sqrt(sx * sy))
+    g = float((sx * sy) ** 0.25)  # organ size follows the cavity only weakly (fat patients have normal livers)
     dz = rng.uniform(-10, 10)  # cranio-caudal position of the patient in the scanner
     yv = body.inner_y - rng.uniform(44, 52)  # vertebral body centre (y)
 
@@ -187,18 +190,19 @@ def paint_anatomy(cv: Canvas, rng: np.random.Generator) -> None:
     c = np.array([88 * sx, 38 * sy, 42 + dz]) + jit()
     th = float(np.arctan2(c[1] / body.b**2, c[0] / body.a**2)) + rng.uniform(-0.1, 0.1)
     s = size()
-    notch = c + 24 * s * np.array([-np.cos(th), -np.sin(th), 0.0])
-    organ(cv, body, c, (22 * s, 55 * s, 48 * s), th, rng.uniform(42, 55), SPLEEN, 4.0, _deform(rng, amp), amp,
-          carve=[(notch, (16 * s, 35 * s, 34 * s), th)])
+    notch = c + 36 * s * np.array([-np.cos(th), -np.sin(th), 0.0])
+    organ(cv, body, c, (27 * s, 55 * s, 48 * s), th, rng.uniform(45, 55), SPLEEN, 4.0, _deform(rng, amp), amp,
+          carve=[(notch, (16 * s, 32 * s, 30 * s), th)])
 
     s = size()
     c = np.array([55 * sx, -38 * sy, 52 + dz]) + jit()
     _stomach(cv, body, c, (38 * s, 32 * s, 42 * s), rng.uniform(-0.4, 0.4), rng.uniform(0.1, 0.7),
              rng.uniform(5, 25), _deform(rng, amp), amp)
 
+    dz_kidneys = rng.uniform(-10, 10)  # shared, so the right kidney stays the lower one
     for sgn, value, zc in ((-1, KIDNEY_R, -42.0), (1, KIDNEY_L, -27.0)):
         s = size()
-        c = np.array([sgn * 72 * sx, yv + 8, zc + dz]) + jit()
+        c = np.array([sgn * 72 * sx, yv + 8, zc + dz + dz_kidneys]) + jit() * np.array([1.0, 1.0, 0.3])
         th = -sgn * (0.45 + rng.uniform(-0.15, 0.15))
         hilum = c + np.array([-sgn * 24 * s, -10 * s, 0.0])
         organ(cv, body, c, (27 * s, 22 * s, 55 * s), th, rng.uniform(150, 180), value, 5.0, _deform(rng, amp), amp,
