@@ -183,7 +183,7 @@ def test_missing_interpreter_fails_clearly(tmp_path):
 
 
 def test_gpu_lock_queues_second_job(tmp_path):
-    first = Job.start(selftest("--gpu-lock", "0", steps=25), run_dir=tmp_path / "a")
+    first = Job.start(selftest("--gpu-lock", "0", steps=1000), run_dir=tmp_path / "a")  # ends when cancelled
     poll_until(first, lambda ev: len(steps_of(ev)) >= 1)
     second = Job.start(selftest("--gpu-lock", "0", steps=2, sleep=0.01), run_dir=tmp_path / "b")
     seen = poll_until(second, lambda ev: any(e["kind"] == "status" and e["status"] == "queued" for e in ev))
@@ -193,9 +193,15 @@ def test_gpu_lock_queues_second_job(tmp_path):
     waiting = [e for e in seen if e["kind"] == "log" and e["message"].startswith("waiting for GPU 0")]
     assert waiting and f"held by pid {first.pid}" in waiting[0]["message"]
     assert str(tmp_path / "a") in waiting[0]["message"]
+    third = Job.start(selftest("--gpu-lock", "0", steps=2, sleep=0.01), run_dir=tmp_path / "c")
+    poll_until(third, lambda ev: any(e["kind"] == "status" and e["status"] == "queued" for e in ev))
+    third.cancel(grace_s=10, wait=True)  # a queued job can be cancelled without ever getting the GPU
+    assert third.status == "cancelled" and third.returncode == 3 and "waiting for GPU" in third.error
+    assert second.status == "queued" and first.status == "running"
+    first.cancel(grace_s=10)  # the first job lets go of the GPU: now the second may count
     first_events = first.wait(timeout=30)
     seen += second.wait(timeout=30)
-    assert first.status == "ok" and second.status == "ok"
+    assert first.status == "cancelled" and second.status == "ok"
     first_done = [e["t"] for e in first_events if e["kind"] == "done"][0]
     second_start = [e["t"] for e in seen if e["kind"] == "progress"][0]
     assert second_start >= first_done - 0.01  # the second job counted only once the first had let go

@@ -315,7 +315,16 @@ class Job:
                     self.returncode = int(ev["exit_code"])
 
     def poll(self) -> list[dict[str, Any]]:
-        """New events since the last call; also advances the state (status, returncode, cancel escalation)."""
+        """New events since the last call; also advances the state (status, returncode, cancel escalation).
+
+        Never raises: an unexpected problem (run folder deleted, disk error) comes back as a ``warning`` event.
+        """
+        try:
+            return self._poll()
+        except Exception as exc:  # noqa: BLE001 - called from the GUI's timer: report, never raise
+            return [_client_event("warning", message=f"job client: {type(exc).__name__}: {exc}")]
+
+    def _poll(self) -> list[dict[str, Any]]:
         if self._finished:
             return []
         alive = self._alive()

@@ -30,7 +30,9 @@ from vocoslicer.jobs.rundir import CHECKPOINTS, RunRecord, now_iso
 
 log = logging.getLogger("vocoslicer.jobs")
 
-_STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), signal.SIGINT) if s is not None)
+# SIGBREAK: what a Windows client's CTRL_BREAK_EVENT arrives as
+_STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), signal.SIGINT, getattr(signal, "SIGBREAK", None))
+                      if s is not None)
 
 
 def _is_cpu(device: Any) -> bool:
