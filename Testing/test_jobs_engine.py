@@ -119,6 +119,19 @@ def test_runs_list_and_show(tmp_path, env, capsys):
     assert "not a run directory" in capsys.readouterr().err
 
 
+def test_gpu_lock_accepts_torch_devices_and_maps_visible_devices(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setenv("VOCOSLICER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,7")
+    ctx = JobContext()
+    with ctx.gpu_lock(torch.device("cuda", 1)) as key:  # the process's cuda:1 is physical GPU 7
+        assert key == "7"
+        holder = json.loads((tmp_path / "home" / "locks" / "gpu-7.json").read_text())
+        assert holder["pid"] == os.getpid()
+    with ctx.gpu_lock(torch.device("cpu")) as key:
+        assert key is None
+
+
 def test_library_context_and_helpers(monkeypatch):
     job = current_job()  # outside the CLI: silent, no files, nothing to resume
     assert job.run_dir is None and job.checkpoint_dir is None and job.save_state({"a": 1}) is None

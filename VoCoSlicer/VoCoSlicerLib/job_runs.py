@@ -62,10 +62,26 @@ def _stat_fields(pid: int) -> list[str] | None:
     return stat[stat.rfind(")") + 2:].split()
 
 
+def _windows_pid_alive(pid: int) -> bool:  # pragma: no cover - Windows only
+    # os.kill(pid, 0) would *terminate* the process on Windows; ask the kernel for its exit code instead
+    import ctypes
+
+    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return False
+    code = ctypes.c_ulong()
+    ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+    kernel32.CloseHandle(handle)
+    return bool(ok) and code.value == 259  # STILL_ACTIVE
+
+
 def pid_alive(pid: Any, start: Any = None) -> bool:
     """True while ``pid`` runs (not a zombie) and, if ``start`` is known, is the process that was recorded."""
     if not isinstance(pid, int) or pid <= 0:
         return False
+    if os.name == "nt":
+        return _windows_pid_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -13,6 +13,10 @@ runs``) never sees half a file. Its fields:
 - ``exit_code`` (0 ok, 1 crash, 2 user error, 3 cancelled), ``error`` (one user-facing line), ``error_kind``
   (``user`` | ``crash`` | ``cancelled``), ``waiting_for`` (while queued: who holds the GPU)
 
+The Slicer job client adds ``launch.json`` (its command line and the child's pid, written before the engine
+starts) and ``console.txt`` (the child's stdout/stderr); after a forced kill it finishes ``run.json`` itself
+(``finalized_by: "client"``).
+
 A reader that finds ``queued``/``running`` but a dead pid reports ``dead``: the process was killed (``kill -9``,
 power loss, out-of-memory killer) before it could record an end; ``--resume`` continues it.
 """
@@ -56,10 +60,26 @@ def pid_start_time(pid: int) -> int | None:
         return None
 
 
+def _windows_pid_alive(pid: int) -> bool:  # pragma: no cover - Windows only
+    # os.kill(pid, 0) would *terminate* the process on Windows; ask the kernel for its exit code instead
+    import ctypes
+
+    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return False
+    code = ctypes.c_ulong()
+    ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+    kernel32.CloseHandle(handle)
+    return bool(ok) and code.value == 259  # STILL_ACTIVE
+
+
 def pid_alive(pid: int | None, start: int | None = None) -> bool:
     """True while ``pid`` runs (not a zombie) and, when ``start`` is known, is still the same process."""
     if not pid or pid <= 0:
         return False
+    if os.name == "nt":
+        return _windows_pid_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
