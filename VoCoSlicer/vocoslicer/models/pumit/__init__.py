@@ -1,7 +1,7 @@
 """PUMIT family: SAC, soft-token tokenizer, universal ViT with 3D RoPE, MIM, downstream adapters.
 
-Importing this package registers the architectures ``pumit_vit`` (backbone bundle), ``pumit_vit_cls`` and
-``pumit_vit_seg`` with :mod:`vocoslicer.models.factory` (which imports it lazily).
+Importing this package registers the architectures ``pumit_vit`` (backbone bundle), ``pumit_tokenizer``,
+``pumit_vit_cls`` and ``pumit_vit_seg`` with :mod:`vocoslicer.models.factory` (which imports it lazily).
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ __all__ = ["PumitTokenizer", "PumitViT", "PumitViTClassifier", "PumitViTSegmente
 def _pumit_vit(**kwargs: Any) -> nn.Module:
     """The bare pre-trained backbone (task "backbone"): ``ViTConfig`` fields as arguments."""
     return PumitViT(ViTConfig(**kwargs))
+
+
+@register_architecture("pumit_tokenizer")
+def _pumit_tokenizer(**kwargs: Any) -> nn.Module:
+    """The visual tokenizer (task "backbone"): ``TokenizerConfig`` fields as arguments."""
+    return PumitTokenizer(TokenizerConfig(**kwargs))
 
 
 @register_architecture("pumit_vit_cls")

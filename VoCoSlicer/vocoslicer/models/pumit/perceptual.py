@@ -161,13 +161,21 @@ def lpips_vgg16(vgg_weights: str | Path, lin_weights: str | Path, max_slices: in
 
 
 def build_perceptual(spec: str | None = None, in_channels: int = 3, seed: int = 0) -> PerceptualLoss:
-    """``None``/"random" -> random features; "lpips:VGG.pth,LIN.pth" -> real LPIPS from local files."""
+    """``None``/"random[:C1,C2,...]" -> random features; "lpips:VGG.pth,LIN.pth" -> real LPIPS from local files."""
     if not spec or spec == "random":
         return random_feature_perceptual(in_channels, seed=seed)
+    if spec.startswith("random:"):
+        try:
+            chans = tuple(int(c) for c in spec.removeprefix("random:").split(","))
+        except ValueError:
+            chans = ()
+        if not chans or min(chans) < 1:
+            raise UserError(f"--perceptual {spec}: expected random:C1,C2,... (channels per stage)")
+        return random_feature_perceptual(in_channels, chans, seed=seed)
     if spec.startswith("lpips:"):
         parts = spec.removeprefix("lpips:").split(",")
         if len(parts) != 2:
             raise UserError(f"--perceptual {spec}: expected lpips:VGG16_WEIGHTS,LPIPS_LIN_WEIGHTS")
         return lpips_vgg16(parts[0], parts[1])
-    raise UserError(f"--perceptual {spec}: expected 'random' or 'lpips:VGG16_WEIGHTS,LPIPS_LIN_WEIGHTS'")
+    raise UserError(f"--perceptual {spec}: expected 'random[:C1,C2,...]' or 'lpips:VGG16_WEIGHTS,LPIPS_LIN_WEIGHTS'")
 
