@@ -247,8 +247,14 @@ class Job:
         full_env = dict(env or {})
         if run.get("cuda_visible_devices") is not None:
             full_env.setdefault("CUDA_VISIBLE_DEVICES", run["cuda_visible_devices"])
-        if python is None and run.get("python") and os.path.isfile(str(run["python"])):
-            python = run["python"]  # the interpreter of the first attempt (same torch/CUDA build)
+        if python is None:
+            # the interpreter the first attempt was launched with (PythonSlicer rather than the python-real it
+            # execs, which would lack Slicer's environment), else the one the engine ran in
+            launched = (read_run(run_dir, name="launch.json").get("argv") or [None])[0]
+            for candidate in (launched, run.get("python")):
+                if candidate and os.path.isfile(str(candidate)):
+                    python = str(candidate)
+                    break
         return cls.start(args, python=python, run_dir=run_dir, env=full_env, detached=detached)
 
     # ---------------------------------------------------------------- following
