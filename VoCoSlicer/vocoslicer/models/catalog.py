@@ -1,0 +1,222 @@
+"""The catalog of official VoCo weights, and turning an official checkpoint file into a model bundle.
+
+``resources/models.json`` lists what can be downloaded (id, version, URL, size, sha256 when published, licence,
+task, architecture, labels). An official ``.pt`` is never used as is: it is read without executing code, renamed
+and matched against the architecture (:mod:`vocoslicer.models.checkpoints`), and saved as a bundle
+(``model.json`` + ``weights.safetensors`` + ``labels.csv``) so that every consumer reads one format.
+``VOCOSLICER_CATALOG`` points to another catalog file (tests, mirrors, institutional copies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vocoslicer.errors import UserError
+from vocoslicer.labels import LabelTable
+from vocoslicer.models.checkpoints import LoadReport, prepare_official, read_checkpoint
+from vocoslicer.paths import resources_dir
+
+CATALOG_FORMAT = "vocoslicer-catalog/1"
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One downloadable model."""
+
+    id: str
+    version: str
+    title: str
+    url: str
+    filename: str
+    task: str
+    architecture: dict[str, Any]
+    description: str = ""
+    size_bytes: int | None = None
+    size_exact: bool = False
+    sha256: str | None = None
+    licence: str = ""
+    licence_url: str = ""
+    labels: str | None = None  # name of a table in resources/labels (without .csv)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    inference: dict[str, Any] = field(default_factory=dict)
+    source: str = "official"
+    citation: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], origin: str) -> CatalogEntry:
+        """Validate one catalog record."""
+        missing = [k for k in ("id", "version", "url", "filename", "task", "architecture") if not d.get(k)]
+        if missing:
+            raise UserError(f"{origin}: catalog entry {d.get('id', '?')!r} lacks {', '.join(missing)}")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (``models list --json``)."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def catalog_path() -> Path:
+    """The catalog in use: ``VOCOSLICER_CATALOG`` or the one shipped in the package."""
+    env = os.environ.get("VOCOSLICER_CATALOG")
+    return Path(env).expanduser() if env else resources_dir() / "models.json"
+
+
+def load_catalog(path: str | os.PathLike[str] | None = None) -> list[CatalogEntry]:
+    """Read and validate the catalog."""
+    p = Path(path) if path is not None else catalog_path()
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{p}: model catalog not found") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{p}: unreadable model catalog ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise UserError(f"{p}: a catalog is a JSON object with a 'models' list")
+    entries = [CatalogEntry.from_dict(d, str(p)) for d in data["models"]]
+    ids = [e.id for e in entries]
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{p}: duplicate model ids in the catalog")
+    return entries
+
+
+def find_entry(key: str, entries: list[CatalogEntry] | None = None) -> CatalogEntry | None:
+    """Look an entry up by id (``ID`` or ``ID@VERSION``) or by its official file name."""
+    entries = load_catalog() if entries is None else entries
+    model_id, _, version = key.partition("@")
+    for e in entries:
+        if (e.id == model_id and (not version or e.version == version)) or e.filename == key:
+            return e
+    return None
+
+
+def label_table(name: str) -> LabelTable:
+    """A label table shipped in ``resources/labels`` (``btcv``, ``vocomni``)."""
+    path = resources_dir() / "labels" / f"{name}.csv"
+    if not path.is_file():
+        raise UserError(f"unknown label table {name!r} (no {path.name} in the package resources)")
+    return LabelTable.read_csv(path)
+
+
+def infer_swin_args(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Guess SwinUNETR arguments from a (renamed) state dict: feature size, input and output channels."""
+    from vocoslicer.models.swin import VOCO_SIZES
+
+    w = sd.get("swinViT.patch_embed.proj.weight")
+    if w is None or w.dim() != 5:
+        raise UserError("the checkpoint has no swinViT.patch_embed.proj.weight: not a VoCo/SwinUNETR checkpoint")
+    fs, in_ch = int(w.shape[0]), int(w.shape[1])
+    by_fs = {v: k for k, v in VOCO_SIZES.items()}
+    args: dict[str, Any] = {"size": by_fs[fs]} if fs in by_fs else {"size": None, "feature_size": fs}
+    args.update(in_channels=in_ch, patch_merging="legacy")
+    out = sd.get("out.conv.conv.weight")
+    if out is not None:
+        args["out_channels"] = int(out.shape[0])
+    return args
+
+
+_META_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    # Parameters are moved to the meta device as they are registered: shapes without memory (an H model would
+    # need 4.6 GB). ``with torch.device("meta")`` is not enough because MONAI calls .item() while building.
+    original = torch.nn.Module.register_parameter
+
+    def register(self: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        original(self, name, param)
+
+    with _META_LOCK:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def target_state(arch_name: str, args: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict layout (names, shapes, dtypes; parameters on ``meta``) of an architecture."""
+    from vocoslicer.models.factory import build_model
+
+    with _parameters_on_meta():
+        return build_model(arch_name, args).state_dict()
+
+
+def checkpoint_to_bundle(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                         entry: CatalogEntry | None = None, model_id: str | None = None,
+                         version: str | None = None, labels: LabelTable | None = None,
+                         source_sha256: str | None = None, sha256_verified: bool = False,
+                         overwrite: bool = False) -> tuple[Any, LoadReport]:
+    """Convert an official checkpoint into a bundle folder; returns (ModelBundle, LoadReport).
+
+    With a catalog ``entry`` its architecture, labels and preprocessing are used; without, they are inferred
+    from the tensors (14 outputs → BTCV labels, 21 → VoComni labels, no ``out`` layer → backbone). A
+    segmentation bundle must receive every tensor; a backbone bundle keeps the encoder subset the checkpoint has.
+    """
+    from vocoslicer.models.bundle import ModelBundle, new_bundle_meta
+
+    src = Path(checkpoint)
+    raw = read_checkpoint(src)
+    if entry is not None:
+        arch_name, args = entry.architecture["name"], dict(entry.architecture.get("args", {}))
+        task = entry.task
+    else:
+        from vocoslicer.models.checkpoints import official_state_dict
+
+        sd_guess, _, _ = official_state_dict(raw, str(src))
+        arch_name, args = "swinunetr", infer_swin_args(sd_guess)
+        task = "segmentation" if "out_channels" in args else "backbone"
+    if task == "backbone":
+        args.setdefault("out_channels", 14)  # decoder/out stay random until finetuned; any count works
+    target = target_state(arch_name, args)
+    matched, report = prepare_official(raw, target, str(src))
+    del raw
+    if not report.loaded:
+        raise UserError(f"{src}: no tensor matches a {arch_name} with {args} ({report.summary()})")
+    if report.missing_backbone:
+        raise UserError(f"{src}: encoder tensors missing or of the wrong shape: {report.summary()}")
+    if task == "segmentation" and (report.missing or report.mismatched):
+        raise UserError(f"{src}: incomplete segmentation checkpoint: {report.summary()}")
+    if task == "segmentation":
+        n_out = int(args.get("out_channels", 0))
+        if labels is None:
+            name = entry.labels if entry is not None and entry.labels else {14: "btcv", 21: "vocomni"}.get(n_out)
+            if name is None:
+                raise UserError(f"{src}: {n_out} output channels; give a labels CSV (--labels) with {n_out - 1} "
+                                "labels")
+            labels = label_table(name)
+        if len(labels) + 1 != n_out:
+            raise UserError(f"{src}: the network has {n_out} output channels but the label table has "
+                            f"{len(labels)} labels (+ background)")
+    mid = model_id or (entry.id if entry is not None else src.name.split(".")[0].lower().replace("_", "-"))
+    meta = new_bundle_meta(mid, version or (entry.version if entry is not None else "1.0.0"), task, arch_name,
+                           args)
+    if entry is not None:
+        meta.update(title=entry.title, description=entry.description, licence=entry.licence,
+                    licence_url=entry.licence_url, citation=entry.citation)
+        if entry.preprocessing:
+            meta["preprocessing"] = entry.preprocessing
+        if entry.inference:
+            meta["inference"] = entry.inference
+    if task == "segmentation":
+        meta["channel_values"] = list(range(int(args["out_channels"])))
+    meta["source"] = {"file": src.name, "url": entry.url if entry is not None else None,
+                      "sha256": source_sha256, "sha256_verified": bool(sha256_verified),
+                      "load_report": report.to_dict()}
+    if task == "backbone":
+        meta["weights_subset"] = "encoder"  # build with load_weights=False, then load these tensors non-strictly
+    bundle = ModelBundle(meta=meta, labels=labels if labels is not None else LabelTable())
+    bundle.save(out_dir, matched, overwrite=overwrite)
+    return bundle, report
