@@ -164,6 +164,23 @@ def test_catalog_rows_and_selectors():
     assert models_view.format_size(999) == "999 B" and models_view.format_size(None) == ""
 
 
+def test_catalog_from_the_engines_models_list_json():
+    out = subprocess.run([sys.executable, "-m", "vocoslicer", "models", "list", "--json"], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    rows = models_view.parse_catalog(out.stdout)
+    assert rows and all(r.id and r.version for r in rows)
+    engine_json = {"catalog": [{"id": "a", "version": "1.0.0", "task": "segmentation", "size_bytes": 5_000_000,
+                                "licence": "MIT", "installed": True},
+                               {"id": "b", "version": "2.0.0", "task": "backbone", "installed": False}],
+                   "installed": [{"id": "a", "version": "1.0.0", "task": "segmentation", "path": "/m/a/1.0.0",
+                                  "title": ""},
+                                 {"id": "a-ft", "version": "1.0.1", "task": "segmentation", "path": "/m/a-ft"}]}
+    rows = models_view.parse_catalog(json.dumps(engine_json))
+    assert [(r.id, r.installed, r.size_bytes, r.license, r.path) for r in rows] == [
+        ("a", True, 5_000_000, "MIT", "/m/a/1.0.0"), ("a-ft", True, None, "", "/m/a-ft"), ("b", False, None, "", "")]
+
+
 # -------------------------------------------------------------------------------------------------- cohort
 
 

@@ -41,6 +41,9 @@ class JobDriver:
         self._pending: list[list[str]] = []
         self._launch: dict[str, Any] = {}
         self.run_dir: Path | None = None
+        self.worker: Any = None  # a WorkerClient while a warm-worker request runs
+        self.result: dict[str, Any] | None = None  # the worker's result of the last request
+        self._request: tuple[str, list[str] | None, bool] | None = None  # (request id, fallback args, any event)
 
     @property
     def busy(self) -> bool:
@@ -48,7 +51,8 @@ class JobDriver:
         return self.state.busy
 
     def _reset_outputs(self) -> None:
-        self.metrics, self.throughput, self.artifacts = MetricHistory(), Throughput(), []
+        self.metrics, self.throughput, self.artifacts, self.result = MetricHistory(), Throughput(), [], None
+        self.job, self._request = None, None
 
     def start(self, commands: Sequence[Sequence[str]], run_dir: str | os.PathLike[str] | None = None,
               env: Mapping[str, str] | None = None, detached: bool = False, python: str | None = None) -> None:
@@ -80,6 +84,56 @@ class JobDriver:
         self.job = Job.start(args, python=self.python, **self._launch)
         self.run_dir = self.job.run_dir
 
+    def start_request(self, worker: Any, op: str, params: Mapping[str, Any],
+                      fallback: Sequence[str] | None = None) -> None:
+        """Send ``op`` to a warm worker (``VoCoSlicerLib.worker_client.WorkerClient``) and follow it.
+
+        ``fallback``: command to run as a one-shot job if the worker dies before answering (e.g. an engine
+        without ``serve``), so a broken worker costs time, never the result.
+        """
+        if self.busy:
+            raise RuntimeError("a job is already running; cancel it first")
+        self._reset_outputs()
+        self._pending = []
+        self.worker = worker
+        self.state.start(stage="sending to the warm worker")
+        try:
+            rid = worker.submit(op, **params)
+        except Exception as exc:
+            self.state.finish("failed", str(exc))
+            raise
+        self._request = (rid, list(map(str, fallback)) if fallback else None, False)
+        self.log.append(f"warm worker request {rid}: {op}")
+
+    def _tick_worker(self) -> list[dict[str, Any]]:
+        rid, fallback, seen = self._request  # type: ignore[misc]
+        mine = [m for m in self.worker.poll() if m.get("request_id") == rid]
+        for msg in mine:
+            kind = msg.get("kind")
+            if kind == "result":
+                self.result, self._request = msg, None
+                self.state.finish("ok")
+                if self.on_finished is not None:
+                    self.on_finished(self)
+                return mine
+            if kind == "error":
+                if msg.get("source") == "client" and not seen and fallback and self.state.state is JobState.RUNNING:
+                    self.log.append(f"warm worker unavailable ({msg.get('message')}); running a one-shot job")
+                    self._request = None
+                    self._pending = [fallback]
+                    self._launch = {"run_dir": None, "env": {}, "detached": False}
+                    self._start_next()
+                    return mine
+                self._request = None
+                self.state.finish("cancelled" if self.state.state is JobState.CANCELLING else "failed",
+                                  str(msg.get("message") or "the worker request failed"))
+                if self.on_finished is not None:
+                    self.on_finished(self)
+                return mine
+            self._request = (rid, fallback, True)
+            self._fold(msg)
+        return mine
+
     def attach(self, run_dir: str | os.PathLike[str]) -> None:
         """Follow a run started earlier (e.g. before Slicer was restarted), replaying its events from the start."""
         if self.busy:
@@ -107,16 +161,31 @@ class JobDriver:
         self.log.append(f"$ {' '.join(self.job.argv)}")
 
     def cancel(self) -> None:
-        """Ask the running job to stop (it checkpoints first); queued commands are dropped."""
-        if self.job is None or not self.state.busy or self.state.state is JobState.CANCELLING:
+        """Ask the running job to stop (it checkpoints first); queued commands are dropped.
+
+        A warm-worker request cannot be interrupted half-way, so the worker is shut down (the next request
+        starts a fresh one).
+        """
+        if not self.state.busy or self.state.state is JobState.CANCELLING:
             return
         self._pending = []
         self.state.request_cancel()
-        self.job.cancel()
+        if self._request is not None:
+            self._request = None
+            self.worker.close(timeout=2.0)
+            self.state.finish("cancelled")
+            if self.on_finished is not None:
+                self.on_finished(self)
+        elif self.job is not None:
+            self.job.cancel()
 
     def tick(self) -> list[dict[str, Any]]:
         """Poll the job once: fold its new events in; start the next command or finish when it has ended."""
-        if self.job is None or not self.busy:
+        if not self.busy:
+            return []
+        if self._request is not None:
+            return self._tick_worker()
+        if self.job is None:
             return []
         events = self.job.poll()
         for ev in events:

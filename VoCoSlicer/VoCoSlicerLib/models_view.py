@@ -74,9 +74,24 @@ def _row(d: dict[str, Any]) -> ModelRow:
 
 
 def parse_catalog(text: str) -> list[ModelRow]:
-    """Rows from the JSON the ``models list --json`` command prints, installed first, then by id and version."""
+    """Rows from the JSON ``models list --json`` prints, installed first, then by id and version.
+
+    The engine prints ``{"catalog": [...], "installed": [...]}``: downloadable entries and the bundles on disk.
+    An installed bundle that is also in the catalog gets the catalog's size and licence. A bare list or
+    ``{"models": [...]}`` is accepted too.
+    """
     data = json.loads(text)
-    items = data.get("models", []) if isinstance(data, dict) else data
+    if isinstance(data, dict) and ("catalog" in data or "installed" in data):
+        entries = [d for d in data.get("catalog") or [] if isinstance(d, dict)]
+        catalog = {(d.get("id"), str(d.get("version", ""))): d for d in entries}
+        items = []
+        for d in data.get("installed") or []:
+            if isinstance(d, dict):
+                base = catalog.pop((d.get("id"), str(d.get("version", ""))), {})
+                items.append({**base, **{k: v for k, v in d.items() if v not in ("", None)}, "installed": True})
+        items += [{**d, "installed": False} for d in catalog.values()]
+    else:
+        items = data.get("models", []) if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise ValueError("model catalog: expected a list of models")
     rows = [_row(d) for d in items if isinstance(d, dict) and d.get("id")]
