@@ -21,6 +21,7 @@ import SimpleITK as sitk
 import torch
 
 from vocoslicer.data.phantom import PHANTOM_LABELS, generate_phantom
+from vocoslicer.errors import Cancelled
 from vocoslicer.infer.segment import segment_image
 from vocoslicer.jobs.events import EventSink
 from vocoslicer.metrics import dice_per_label, mean_dice
@@ -90,7 +91,8 @@ model; it has never seen a real CT and must not be used on patient data.
   {args.train_seeds}, validation seeds {args.val_seeds} (model selection), held-out test seeds {args.test_seeds}.
 - Preprocessing: RAS, {PREPROCESSING['spacing']} mm, HU window -1000..1000 → 0..1. Crops 64³ (pos/neg 1:1),
   batch {args.batch}, DiceCE, AdamW lr {args.lr} (amsgrad), warmup {args.warmup} steps then cosine, CPU fp32.
-- Best validation step {meta.get('metrics', {}).get('step')}: val Dice {meta.get('metrics', {}).get('val_dice')}.
+- Training {meta.get('training', {}).get('stopped')}; best validation step {meta.get('metrics', {}).get('step')}:
+  val Dice {meta.get('metrics', {}).get('val_dice')}.
   Training took {seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads.
 
 ## Held-out Dice (full-resolution phantoms, seeds {args.test_seeds}, through `vocoslicer segment`'s pipeline)
@@ -103,10 +105,10 @@ model; it has never seen a real CT and must not be used on patient data.
 def main() -> int:
     """Train, select on validation Dice, evaluate on held-out phantoms, write the bundle + card."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--train-seeds", default="0-19")
     ap.add_argument("--val-seeds", default="100-101")
@@ -143,11 +145,17 @@ def main() -> int:
     trainer = Trainer(model, cfg, run_dir, dice_ce_step(), CropStream(train, INFERENCE["roi_size"], args.batch),
                       eval_fn=make_eval_fn(val, PHANTOM_LABELS, channel_values, INFERENCE["roi_size"]),
                       events=events, on_best=best_bundle_writer(template, best_dir))
-    result = trainer.fit(resume=args.resume)
-    print(f"training finished: {result['stopped']}, best val_dice {result['best']} at step {result['best_step']}")
+    try:
+        result = trainer.fit(resume=args.resume)
+        stopped = f"{result['stopped']} at step {result['step']}"
+    except Cancelled:  # SIGTERM/Ctrl-C: keep the best bundle so far (the card says where training stopped)
+        stopped = f"stopped by request at step {trainer.step}"
+    meta_stop = {"stopped": stopped}
+    print(f"training {stopped}; best val_dice {trainer.best} at step {trainer.best_step}", flush=True)
     best = ModelBundle.load(best_dir)
     held = held_out_dice(best, seeds(args.test_seeds))
     meta = dict(best.meta)
+    meta["training"] = {**meta.get("training", {}), **meta_stop}
     meta["evaluation"] = {"held_out_seeds": args.test_seeds, "dice": {k: round(v, 4) for k, v in held.items()}}
     out = Path(args.out)
     ModelBundle(meta=meta, labels=PHANTOM_LABELS).save(out, best.state_dict(), dtype=torch.float16,
