@@ -58,17 +58,19 @@ def make_loader(items: list[VolumeItem], batch_size: int, tokens_z: int, tokens_
     rank, world = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
     sampler = SameDABatchSampler([it.shape for it in items], [it.spacing for it in items], batch_size, tokens_z,
                                  tokens_xy, stride, seed=seed, rank=rank, world_size=world)
+    # its own generator: creating the loader's iterator must not consume the global RNG that resume restores
     loader = torch.utils.data.DataLoader(DACropDataset(items, channels, augment), batch_sampler=sampler,
                                          collate_fn=collate_same_da, num_workers=workers,
-                                         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+                                         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                                         generator=torch.Generator().manual_seed(seed))
     return loader, sampler
 
 
 class _SamplerResume:
     """Checkpoints how many batches this rank consumed, so a resumed run continues the same data stream."""
 
-    def __init__(self, sampler: SameDABatchSampler, grad_accum: int) -> None:
-        self.sampler, self.grad_accum = sampler, grad_accum
+    def __init__(self, loader: Any, sampler: SameDABatchSampler, grad_accum: int) -> None:
+        self.loader, self.sampler, self.grad_accum = loader, sampler, grad_accum
         self.trainer: Trainer | None = None
 
     def state_dict(self) -> dict[str, int]:
@@ -76,6 +78,8 @@ class _SamplerResume:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.start_batch = int(state["batches"])
+        if self.loader.generator is not None:  # worker seeds continue deterministically too
+            self.loader.generator.manual_seed(self.sampler.seed * 1_000_003 + self.sampler.start_batch)
 
 
 class _Discriminator:
@@ -189,7 +193,7 @@ def train_tokenizer(items: list[VolumeItem], run_dir: Path, tok_cfg: TokenizerCo
     perceptual = build_perceptual(recipe.perceptual, tok_cfg.in_channels, seed=cfg.seed)
     loader, sampler = make_loader(items, batch_size, tokens_z, tokens_xy, tok_cfg.stride, cfg.seed,
                                   tok_cfg.in_channels, workers)
-    resumer = _SamplerResume(sampler, cfg.grad_accum)
+    resumer = _SamplerResume(loader, sampler, cfg.grad_accum)
     optimizer = torch.optim.AdamW(param_groups(tok, cfg.weight_decay), lr=cfg.lr)
     trainer = Trainer(tok, cfg, run_dir, tokenizer_step_fn(disc, perceptual, recipe), loader,
                       events=_job_events(events), optimizer=optimizer,
@@ -270,7 +274,7 @@ def train_mim(items: list[VolumeItem], run_dir: Path, tokenizer: PumitTokenizer,
     tokenizer.requires_grad_(False).eval()
     loader, sampler = make_loader(items, batch_size, tokens_z, tokens_xy, tokenizer.stride, cfg.seed,
                                   tokenizer.cfg.in_channels, workers)
-    resumer = _SamplerResume(sampler, cfg.grad_accum)
+    resumer = _SamplerResume(loader, sampler, cfg.grad_accum)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     trainer = Trainer(model, cfg, run_dir, mim_step_fn(tokenizer, mask_ratio), loader, events=_job_events(events),
                       optimizer=optimizer, extra_state={"sampler": resumer}, should_stop=should_stop)
