@@ -65,7 +65,7 @@ def test_every_label_present_with_plausible_volume_and_hu(seed):
     for v, (lo, hi) in volume_ranges.items():
         assert lo < ml[v] < hi, (PHANTOM_LABELS.by_value(v).name, ml[v])
     assert 35 < hu[1] < 85
-    assert 25 < hu[2] < 80
+    assert 35 < float(np.median(img[lab == 2])) < 70  # median: thin spleen edges may touch bowel gas
     assert hu[8] < -600
     assert hu[6] > 250
     assert hu[3] > hu[1] + 40 and hu[4] > hu[1] + 40

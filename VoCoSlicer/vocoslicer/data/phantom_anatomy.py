@@ -14,6 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from vocoslicer.data.phantom_shapes import (
+    AORTA,
+    KIDNEY_L,
+    KIDNEY_R,
+    LIVER,
+    LUNGS,
+    SPLEEN,
+    STOMACH,
     Box,
     Canvas,
     ellipse2d,
@@ -23,8 +30,8 @@ from vocoslicer.data.phantom_shapes import (
     smooth_field,
     tube,
 )
+from vocoslicer.data.phantom_skeleton import paint_ribs, paint_spine
 
-LIVER, SPLEEN, KIDNEY_R, KIDNEY_L, AORTA, VERTEBRAE, STOMACH, LUNGS = range(1, 9)
 _A0, _B0 = 157.0, 117.0  # reference body semi-axes (x, y) in mm
 _LAYERS = 30.5  # reference skin + subcutaneous fat + muscle wall thickness (mm)
 _LEVELS = 8  # body cross-sections quantised to this many scales along z (cheap 2D work, smooth enough)
@@ -42,6 +49,7 @@ class Body:
     zidx: np.ndarray  # (nz,) index into the per-level arrays
     profile: np.ndarray  # (levels, ny, nx) HU of body wall/fat/air
     cavity: np.ndarray  # (levels, ny, nx) signed distance to the abdominal cavity (negative inside)
+    depth: np.ndarray  # (levels, ny, nx) depth below the skin (mm)
 
     @property
     def sx(self) -> float:
@@ -52,6 +60,14 @@ class Body:
     def sy(self) -> float:
         """Antero-posterior scale of the abdominal cavity."""
         return (self.b - self.skin - self.fat - self.wall) / (_B0 - _LAYERS)
+
+    @property
+    def cavity_a(self) -> float:
+        return self.a - self.skin - self.fat - self.wall
+
+    @property
+    def cavity_b(self) -> float:
+        return self.b - self.skin - self.fat - self.wall
 
     @property
     def inner_y(self) -> float:
@@ -90,6 +106,7 @@ def make_body(cv: Canvas, rng: np.random.Generator) -> Body:
     w = cv.width
     prof = np.empty((_LEVELS, len(cv.y), len(cv.x)), dtype=np.float32)
     cav = np.empty_like(prof)
+    depth = np.empty_like(prof)
     for i, s in enumerate(lv):
         t = _depth(x, y, a * s, b * s)
         p = np.full(t.shape, -1000.0, dtype=np.float32)
@@ -100,14 +117,16 @@ def make_body(cv: Canvas, rng: np.random.Generator) -> Body:
             dp = ellipse2d(x, y, sgn * para_x * a / _A0, b * s - skin - fat - wall - para_b + 4, para_a, para_b)
             p += ramp(-dp, w) * (hu_muscle - p)
             c = np.maximum(c, -dp)
-        prof[i], cav[i] = p, c
+        prof[i], cav[i], depth[i] = p, c, t
     for k, level in enumerate(zidx):
         cv.img[k] = prof[level]
-    return Body(a, b, skin, fat, wall, zidx, prof, cav)
+    return Body(a, b, skin, fat, wall, zidx, prof, cav, depth)
 
 
 def _deform(rng: np.random.Generator, amp: float) -> np.ndarray:
-    return rng.standard_normal((4, 4, 4)) * amp * 2.0
+    """Coarse 4x4x4 surface displacements (mm), zero-mean so that shape and size vary independently."""
+    v = rng.standard_normal((4, 4, 4))
+    return (v - v.mean()) * amp * 1.5
 
 
 def organ(cv: Canvas, body: Body, center: Sequence[float], axes: Sequence[float], theta: float,
@@ -144,6 +163,8 @@ def paint_anatomy(cv: Canvas, rng: np.random.Generator) -> None:
     g = float((sx * sy) ** 0.25)  # organ size follows the cavity only weakly (fat patients have normal livers)
     dz = rng.uniform(-10, 10)  # cranio-caudal position of the patient in the scanner
     yv = body.inner_y - rng.uniform(44, 52)  # vertebral body centre (y)
+    paint_ribs(cv, body, rng.uniform(30, 36), rng.uniform(0, 30), rng.uniform(-30, -10) + dz, rng.uniform(0.45, 0.65),
+          rng.uniform(350, 500))
 
     def jit(n: int = 3, mm: float = 10.0) -> np.ndarray:
         return rng.uniform(-mm, mm, n)
@@ -160,7 +181,7 @@ def paint_anatomy(cv: Canvas, rng: np.random.Generator) -> None:
         level = rng.uniform(-0.5, 0.5)
         _loop(cv, c, ax, th, content, level)
     for sgn in (-1, 1):
-        x0, r, top = sgn * rng.uniform(95, 105) * sx, rng.uniform(14, 20), rng.uniform(0, 30) + dz
+        x0, r, top = sgn * rng.uniform(95, 105) * sx, rng.uniform(14, 20), rng.uniform(-20, 10) + dz
         _colon(cv, x0, -5.0 * sy, r, top, rng.uniform(-600, -200))
     for sgn in (-1, 1):
         _psoas(cv, sgn, yv, rng.uniform(0.8, 1.2), rng.uniform(45, 58))
@@ -200,13 +221,16 @@ def paint_anatomy(cv: Canvas, rng: np.random.Generator) -> None:
              rng.uniform(5, 25), _deform(rng, amp), amp)
 
     dz_kidneys = rng.uniform(-10, 10)  # shared, so the right kidney stays the lower one
-    for sgn, value, zc in ((-1, KIDNEY_R, -42.0), (1, KIDNEY_L, -27.0)):
+    for sgn, value, zc in ((-1, KIDNEY_R, -36.0), (1, KIDNEY_L, -16.0)):
         s = size()
-        c = np.array([sgn * 72 * sx, yv + 8, zc + dz + dz_kidneys]) + jit() * np.array([1.0, 1.0, 0.3])
+        xk = sgn * 74 * g
+        # just in front of the posterior cavity wall at that x (retroperitoneum), not behind it
+        y_wall = body.cavity_b * np.sqrt(max(0.1, 1 - (xk / body.cavity_a) ** 2))
+        c = np.array([xk, min(yv + 8, y_wall - 20 * s), zc + dz + dz_kidneys]) + jit() * np.array([1.0, 1.0, 0.3])
         th = -sgn * (0.45 + rng.uniform(-0.15, 0.15))
         hilum = c + np.array([-sgn * 24 * s, -10 * s, 0.0])
-        organ(cv, body, c, (27 * s, 22 * s, 55 * s), th, rng.uniform(150, 180), value, 5.0, _deform(rng, amp), amp,
-              carve=[(hilum, (10 * s, 9 * s, 14 * s), 0.0)], inner=7.0 * s, hu_inner=rng.uniform(100, 125))
+        organ(cv, body, c, (27 * s, 22 * s, 55 * s), th, rng.uniform(150, 180), value, 5.0, _deform(rng, 0.6 * amp),
+              0.6 * amp, carve=[(hilum, (10 * s, 9 * s, 14 * s), 0.0)], inner=7.0 * s, hu_inner=rng.uniform(100, 125))
 
     # --- vessels and spine ----------------------------------------------------------------------------
     ivc = (-20 * sx + rng.uniform(-3, 3), yv - 24, rng.uniform(11, 15), rng.uniform(8, 11), rng.uniform(100, 140))
@@ -214,7 +238,7 @@ def paint_anatomy(cv: Canvas, rng: np.random.Generator) -> None:
     r = rng.uniform(10, 13)
     _vessel(cv, 15 * sx + rng.uniform(-3, 3), yv - 16 - r - 3, r, r, rng.uniform(170, 230), AORTA,
             rng.uniform(0, 6.3))
-    _spine(cv, rng, yv)
+    paint_spine(cv, rng, yv)
 
 
 def _loop(cv: Canvas, c: Sequence[float], ax: np.ndarray, th: float, content: float, level: float) -> None:
@@ -308,42 +332,3 @@ def _vessel(cv: Canvas, x0: float, y0: float, a: float, b: float, hu: float, val
     cy = (y0 + 2.0 * np.cos(z / 110.0 + phase)).astype(np.float32)
     d = tube(cv, box, cx, cy, np.full_like(z, a), np.full_like(z, b))
     cv.paint(box, d, hu, value)
-
-
-def _spine(cv: Canvas, rng: np.random.Generator, yv: float) -> None:
-    """Vertebrae (body, ring-shaped arch, spinous and transverse processes) stacked with discs and a canal."""
-    period, disc = rng.uniform(30, 36), rng.uniform(6, 9)
-    phase = rng.uniform(0, period)
-    fv = rng.uniform(0.9, 1.1)
-    canc, cort = rng.uniform(230, 330), rng.uniform(700, 1000)
-    a0, b0, rc = 21 * fv, 16 * fv, 8.0 * fv
-    shifts = rng.uniform(-2, 2, (17, 2))
-    # column of disc material and the spinal canal behind it (unlabelled), later covered by the vertebrae
-    cy_canal = yv + b0 + rc + 1
-    box = cv.box((-a0 - 4, yv - b0 - 4, -1e4), (a0 + 4, cy_canal + rc + 4, 1e4))
-    if box is None:
-        return
-    x, y, _ = cv.coords(box)
-    cv.paint(box, ellipse2d(x, y, 0, yv, a0 + 1, b0 + 1), 90.0, 0)
-    cv.paint(box, ellipse2d(x, y, 0, cy_canal, rc, rc), 15.0, 0)
-    for k in range(-8, 9):
-        zk = phase + k * period
-        sx, sy = shifts[k + 8]
-        yk = yv + sy
-        box = cv.box((-a0 - 40, yk - b0 - 2, zk - period / 2), (a0 + 40, yk + b0 + 2 * rc + 45, zk + period / 2))
-        if box is None:
-            continue
-        x, y, z = cv.coords(box)
-        a = a0 * (1 - 0.01 * k)
-        cc = yk + b0 + rc + 1
-        d2 = ellipse2d(x, y, sx, yk, a, b0)
-        r = np.sqrt((x - np.float32(sx)) ** 2 + (y - np.float32(cc)) ** 2)
-        d2 = np.minimum(d2, np.abs(r - np.float32(rc + 2.5)) - np.float32(2.5))
-        d2 = np.minimum(d2, ellipse2d(x, y, sx, cc + rc + 18, 4, 16))
-        for sgn in (-1, 1):
-            d2 = np.minimum(d2, ellipse2d(x, y, sx + sgn * (rc + 14), cc - 3, 14, 5))
-        d2 = np.maximum(d2, rc - r)
-        dz = np.abs(z - np.float32(zk)) - np.float32((period - disc) / 2)
-        d = np.maximum(d2, dz)
-        shade = np.float32(canc) + ramp(d + 1.5, cv.width) * np.float32(cort - canc)
-        cv.paint(box, d, shade, VERTEBRAE)

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# label values of PHANTOM_LABELS (vocoslicer.data.phantom)
+LIVER, SPLEEN, KIDNEY_R, KIDNEY_L, AORTA, VERTEBRAE, STOMACH, LUNGS = range(1, 9)
 Box = tuple[slice, slice, slice]  # numpy order (z, y, x)
 _SLAB = 1 << 18  # voxels per slab in paint(): ~1 MB float32 temporaries
 
