@@ -23,20 +23,29 @@ EPS = 1e-6
 
 @dataclass(frozen=True)
 class VoCoGeometry:
-    """Crop size ``roi`` (r), grid ``n`` (n×n base crops) and ``sw`` random crops per volume."""
+    """Crop size ``roi`` (r), grid ``n`` (n×n base crops), ``sw`` random crops per volume, region ``depth``.
+
+    Crops are ``r × r × depth``; ``depth`` defaults to ``r`` (official: 64³ crops of a 192×192×64 region).
+    """
 
     roi: int = 64
     n: int = 3
     sw: int = 2
+    depth: int | None = None
 
     def __post_init__(self) -> None:
-        if self.roi < 2 or self.roi % 2 or self.n < 1 or self.sw < 1:
+        if self.roi < 2 or self.roi % 2 or self.n < 1 or self.sw < 1 or (self.depth is not None and self.depth < 1):
             raise ValueError(f"VoCo geometry: roi must be even >= 2, n >= 1, sw >= 1 (got {self})")
 
     @property
     def region(self) -> tuple[int, int, int]:
-        """The volume region the crops are cut from: (n·r, n·r, r) (192×192×64 officially)."""
-        return (self.n * self.roi, self.n * self.roi, self.roi)
+        """The volume region the crops are cut from: (n·r, n·r, depth) (192×192×64 officially)."""
+        return (self.n * self.roi, self.n * self.roi, self.depth or self.roi)
+
+    @property
+    def crop_shape(self) -> tuple[int, int, int]:
+        """Shape of every random and base crop: (r, r, depth)."""
+        return (self.roi, self.roi, self.depth or self.roi)
 
     @property
     def n_base(self) -> int:
@@ -115,8 +124,10 @@ def prediction_loss(y: torch.Tensor, s: torch.Tensor, version: int = 2) -> torch
 
 def regularization_loss(z: torch.Tensor) -> torch.Tensor:
     """Official ``regularization_loss`` per volume: z (B, n², D) → (B,) = mean_{k<l} ReLU(cos(z_k, sg(z_l)))²."""
-    m = relu_cos_matrix(z, z.detach())
     k = z.shape[-2]
+    if k < 2:  # a single base crop has no pairs (n = 1 grids, used only in tiny tests)
+        return z.sum(dim=(-1, -2)) * 0.0
+    m = relu_cos_matrix(z, z.detach())
     iu = torch.triu_indices(k, k, offset=1, device=z.device)
     pairs = m[..., iu[0], iu[1]]
     return (pairs * pairs).mean(-1)
