@@ -1,0 +1,40 @@
+"""``vocoslicer classify IN --model M [-o out.json|out.csv]``: class probabilities of a whole volume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``classify`` command."""
+    p = sub.add_parser("classify", help="classify a CT volume with a classification model bundle",
+                       description="Prints the softmax probability of every class; -o writes them as JSON or CSV "
+                                   "(atomically).")
+    p.add_argument("input", help="volume file (.nii/.nii.gz/.nrrd/.mha) or DICOM series folder")
+    p.add_argument("--model", required=True, help="classification bundle path, installed ID or ID@VERSION")
+    p.add_argument("-o", "--output", default=None, help="write the result to a .json or .csv file")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--series", default=None, help="DICOM SeriesInstanceUID when the folder holds several series")
+    p.add_argument("--events", choices=("none", "stdout"), default="none",
+                   help="emit JSON-lines progress events on stdout (for the Slicer module / job clients)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler: classify and print the probabilities."""
+    from vocoslicer.infer.classify import output_format, run_classify
+    from vocoslicer.jobs.events import EventSink
+
+    if args.output:
+        output_format(args.output)  # fail before any work on a bad output name
+    events = EventSink(stdout=args.events == "stdout")
+    result = run_classify(args.input, args.output, args.model, args.device, args.series, events)
+    out = sys.stderr if args.events == "stdout" else sys.stdout
+    if args.output:
+        print(f"wrote {result['output']}: {result['predicted']['name']} ({result['predicted']['probability']:.3f})",
+              file=out)
+    else:
+        print(json.dumps({k: result[k] for k in ("classes", "probabilities", "predicted")}, indent=2), file=out)
+    return 0

@@ -1,0 +1,121 @@
+"""Volume classification: image → softmax probabilities per class, written as JSON or CSV.
+
+Preprocessing is the segmentation one (RAS, bundle spacing, intensity window: :func:`infer.preprocess.prepare`),
+then the whole volume is resized to the bundle's fixed input size, because a classifier sees the entire
+volume at once rather than sliding windows.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from vocoslicer.errors import UserError
+from vocoslicer.jobs.events import NULL_SINK, EventSink
+from vocoslicer.models.bundle import ModelBundle
+
+OUTPUT_FORMATS = (".json", ".csv")
+
+
+def input_size(bundle: ModelBundle) -> tuple[int, int, int]:
+    """The fixed (X, Y, Z) network input of a classification bundle (``inference.input_size`` or ``roi_size``)."""
+    inf = bundle.inference
+    size = inf.get("input_size") or inf.get("roi_size")
+    if not size or len(size) != 3 or any(int(s) % 32 for s in size):
+        raise UserError(f"{bundle.path or bundle.id}: inference.input_size must be 3 multiples of 32, got {size}")
+    return tuple(int(s) for s in size)  # type: ignore[return-value]
+
+
+def build_classifier(bundle: ModelBundle, device: torch.device) -> torch.nn.Module:
+    """Build and load a classification bundle's network on ``device``."""
+    import vocoslicer.models.classifier  # noqa: F401 - registers the voco_classifier architecture
+    from vocoslicer.infer.sliding import enable_fast_attention
+
+    if bundle.task != "classification":
+        raise UserError(f"model {bundle.describe()} is a {bundle.task} model, not a classification model")
+    model = bundle.build_model().to(device).eval()
+    enable_fast_attention(model)  # same weights and results; SDPA is faster on CPU and GPU
+    return model
+
+
+def classify_image(img: sitk.Image, bundle: ModelBundle, model: torch.nn.Module | None = None,
+                   device: str | torch.device = "auto", events: EventSink = NULL_SINK) -> dict[str, Any]:
+    """Class probabilities of one image; ``model`` may be passed in by a warm worker."""
+    from vocoslicer.infer.preprocess import prepare
+    from vocoslicer.infer.segment import pick_device
+    from vocoslicer.infer.sliding import autocast_context
+
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    classes = bundle.classes
+    events.progress(0, 3, stage="preprocessing")
+    prepared = prepare(img, bundle.preprocessing)
+    for w in prepared.warnings:
+        events.warning(w)
+    x = F.interpolate(prepared.tensor, size=input_size(bundle), mode="trilinear", align_corners=False)
+    if model is None:
+        events.progress(1, 3, stage="loading model")
+        model = build_classifier(bundle, dev)
+    events.progress(2, 3, stage=f"classifying on {dev.type}")
+    with torch.inference_mode(), autocast_context(dev, "auto"):
+        logits = model(x.to(dev))
+    probs = torch.softmax(logits.float(), dim=1)[0].cpu()
+    if probs.numel() != len(classes):
+        raise UserError(f"{bundle.describe()}: the network produced {probs.numel()} outputs but the bundle lists "
+                        f"{len(classes)} classes")
+    best = int(probs.argmax())
+    events.progress(3, 3, stage="done")
+    return {"model": bundle.id, "model_version": bundle.version, "classes": classes,
+            "probabilities": [round(float(p), 6) for p in probs],
+            "predicted": {"index": best, "name": classes[best], "probability": round(float(probs[best]), 6)}}
+
+
+def result_text(result: dict[str, Any], fmt: str) -> str:
+    """JSON or CSV (``class,probability`` rows, predicted class marked) text of a classification result."""
+    if fmt == ".json":
+        return json.dumps(result, indent=2) + "\n"
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["index", "class", "probability", "predicted"])
+    for i, (name, p) in enumerate(zip(result["classes"], result["probabilities"], strict=True)):
+        w.writerow([i, name, f"{p:.6f}", int(i == result["predicted"]["index"])])
+    return buf.getvalue()
+
+
+def output_format(path: str | Path) -> str:
+    """``.json`` or ``.csv`` from an output file name (anything else is a user error)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise UserError(f"{path}: classification output must end in .json or .csv")
+    return suffix
+
+
+def run_classify(input_path: str, output: str | None, model_spec: str | None, device: str = "auto",
+                 series: str | None = None, events: EventSink = NULL_SINK,
+                 model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """The ``classify`` command: read, classify, write JSON/CSV atomically (nothing written on error)."""
+    from vocoslicer.io import read_image
+    from vocoslicer.io.atomic import atomic_write_text
+    from vocoslicer.models.registry import resolve
+
+    fmt = output_format(output) if output else None
+    t0 = time.perf_counter()
+    bundle = resolve(model_spec)
+    if bundle.task != "classification":
+        raise UserError(f"model {bundle.describe()} is a {bundle.task} model, not a classification model")
+    img = read_image(input_path, series_uid=series)
+    result = classify_image(img, bundle, model=model, device=device, events=events)
+    result["input"] = str(input_path)
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    if output:
+        atomic_write_text(output, result_text(result, fmt or ".json"))
+        result["output"] = str(output)
+        events.artifact(output, "table", model=bundle.id, predicted=result["predicted"]["name"])
+    return result
