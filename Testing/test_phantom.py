@@ -60,7 +60,7 @@ def test_every_label_present_with_plausible_volume_and_hu(seed):
     assert set(np.unique(lab).tolist()) == set(range(0, 9))
     ml = {v: np.count_nonzero(lab == v) * 64 / 1000 for v in range(1, 9)}
     hu = {v: float(img[lab == v].mean()) for v in range(1, 9)}
-    volume_ranges = {1: (500, 3500), 2: (50, 600), 3: (50, 350), 4: (50, 350), 5: (40, 250), 6: (150, 900),
+    volume_ranges = {1: (500, 3500), 2: (40, 600), 3: (50, 350), 4: (50, 350), 5: (40, 250), 6: (150, 900),
                      7: (50, 600), 8: (100, 4000)}
     for v, (lo, hi) in volume_ranges.items():
         assert lo < ml[v] < hi, (PHANTOM_LABELS.by_value(v).name, ml[v])

@@ -188,11 +188,11 @@ def paint_anatomy(cv: Canvas, rng: np.random.Generator) -> None:
     heart_c = (25 * sx + rng.uniform(-8, 8), -50 * sy + rng.uniform(-8, 8), 125 + dz + rng.uniform(-10, 10))
     heart_hu = rng.uniform(35, 50)
 
-    # --- lungs (bases): above two diaphragm domes, posterior, not in the mediastinum ---------------------
+    # --- lungs (bases): above two diaphragm domes, posterior, not in the mediastinum; painted after the upper
+    # abdominal organs so that the domes cap liver, spleen and stomach, and before the kidneys ---------------
     z_r = rng.uniform(78, 95) + dz
     z_l = z_r - rng.uniform(5, 15)
     lung_hu, lung_tex = rng.uniform(-880, -820), _deform(rng, 1.0)
-    _lungs(cv, body, sx, sy, yv, z_r, z_l, lung_hu, lung_tex)
     heart_ax = (60 * g, 50 * g, 55.0)
     hb = ellipsoid_box(cv, heart_c, heart_ax, 2)
     if hb is not None:
@@ -208,7 +208,7 @@ def paint_anatomy(cv: Canvas, rng: np.random.Generator) -> None:
     organ(cv, body, c_l, (48 * s, 28 * s, 36 * s), 0.2 + rng.uniform(-0.1, 0.1), liver_hu, LIVER, 4.0,
           _deform(rng, amp), amp)
 
-    c = np.array([88 * sx, 38 * sy, 42 + dz]) + jit()
+    c = np.array([88 * sx, 38 * sy, 46 + dz]) + jit()
     th = float(np.arctan2(c[1] / body.b**2, c[0] / body.a**2)) + rng.uniform(-0.1, 0.1)
     s = size()
     notch = c + 36 * s * np.array([-np.cos(th), -np.sin(th), 0.0])
@@ -219,6 +219,7 @@ def paint_anatomy(cv: Canvas, rng: np.random.Generator) -> None:
     c = np.array([55 * sx, -38 * sy, 52 + dz]) + jit()
     _stomach(cv, body, c, (38 * s, 32 * s, 42 * s), rng.uniform(-0.4, 0.4), rng.uniform(0.1, 0.7),
              rng.uniform(5, 25), _deform(rng, amp), amp)
+    _lungs(cv, body, sx, sy, yv, z_r, z_l, lung_hu, lung_tex)
 
     dz_kidneys = rng.uniform(-10, 10)  # shared, so the right kidney stays the lower one
     for sgn, value, zc in ((-1, KIDNEY_R, -36.0), (1, KIDNEY_L, -16.0)):
