@@ -167,7 +167,8 @@ def test_cli_writes_readable_files(tmp_path):
              "--random-orientation")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert len(lines) == 6
+    names = ("phantom_3_ct.mha", "phantom_3_truth.mha", "phantom_labels.csv", "phantom_4_ct.mha", "phantom_4_truth.mha")
+    assert sorted(lines) == sorted(str(out / n) for n in names)
     for seed in (3, 4):
         img = read_image(out / f"phantom_{seed}_ct.mha")
         lab = read_image(out / f"phantom_{seed}_truth.mha")

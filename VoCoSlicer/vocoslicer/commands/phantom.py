@@ -38,9 +38,12 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--size must be at least {MIN_SIZE} voxels per axis, got {' '.join(map(str, args.size))}")
     if args.noise is not None and not args.noise >= 0:
         raise UserError(f"--noise must be >= 0 HU, got {args.noise}")
+    printed = set()
     for seed in range(args.seed, args.seed + args.count):
         ph = generate_phantom(seed, spacing=args.spacing, size=args.size,
                               random_orientation=args.random_orientation, noise_hu=args.noise)
         for path in write_phantom(ph, args.output, args.format).values():
-            print(path, flush=True)
+            if path not in printed:  # the shared labels table once, not once per seed
+                printed.add(path)
+                print(path, flush=True)
     return 0
