@@ -107,6 +107,7 @@ class PerceptualLoss(nn.Module):
         x_rec = (x_rec.float() - self.shift) / self.norm_scale
         total = x.new_zeros(())
         for i, (fa, fb) in enumerate(zip(self.net(x), self.net(x_rec), strict=True)):
+            fa, fb = fa.float(), fb.float()  # eps 1e-10 underflows in fp16: 0/0 at all-zero ReLU features
             fa = fa / (fa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
             fb = fb / (fb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
             total = total + ((fa - fb).pow(2) * getattr(self, f"lin{i}")).sum(1).mean()
