@@ -1,0 +1,218 @@
+"""Warm inference worker: JSON lines over stdin/stdout, models kept loaded between requests.
+
+Starting Python, importing torch/MONAI and loading a model costs seconds; a Slicer session segments case after
+case with the same model. ``vocoslicer serve --stdio`` pays that once. Protocol (one JSON object per line):
+
+request  ``{"id": ..., "op": "segment"|"classify"|"ping"|"shutdown", "input": ..., "output": ..., "model": ...,
+"device": ..., ["fast": bool, "overlap": float, "series": uid]}``
+
+replies  zero or more event lines (the :class:`~vocoslicer.jobs.events.EventSink` JSON form plus ``"id"``), then
+exactly one final line ``{"id": ..., "kind": "result", ...}`` or ``{"id": ..., "kind": "error", "message": ...,
+"code": 2}``. A bad request never stops the worker; ``shutdown`` (or end of input) does. stdout carries nothing
+else: anything printed by libraries is redirected to stderr. Models are cached (least recently used first out)
+by bundle folder + weights checksum + device, and GPU cache memory is released after every request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections import OrderedDict
+from typing import IO, Any
+
+from vocoslicer import __version__
+from vocoslicer.errors import EXIT_CRASH, EXIT_USER, UserError, VoCoError
+from vocoslicer.jobs.events import EventSink
+
+OPS = ("segment", "classify", "ping", "shutdown")
+
+
+class ProtocolSink(EventSink):
+    """Events of one request, tagged with its id, on the protocol stream."""
+
+    def __init__(self, stream: IO[str], request_id: Any) -> None:
+        super().__init__()
+        self._streams.append(stream)
+        self.request_id = request_id
+
+    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:  # noqa: D102 - see EventSink
+        return super().emit(kind, id=self.request_id, **fields)
+
+    def send(self, obj: dict[str, Any]) -> None:
+        """Write a final (non-event) line."""
+        line = json.dumps(obj, separators=(",", ":"), default=str, allow_nan=False)
+        with self._lock:
+            for s in self._streams:
+                s.write(line + "\n")
+                s.flush()
+
+
+class ModelCache:
+    """Loaded networks, least recently used evicted first; eviction frees the GPU memory they held."""
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = max(1, int(size))
+        self._models: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
+
+    @staticmethod
+    def key(bundle: Any, device: Any) -> tuple[str, str, str]:
+        """(bundle folder, weights checksum, device): a re-saved bundle at the same path is reloaded."""
+        sha = str((bundle.meta.get("weights") or {}).get("sha256", ""))
+        return str(bundle.path), sha, str(device)
+
+    def get(self, bundle: Any, device: Any) -> tuple[Any, bool]:
+        """Return ``(model, was_cached)``, building and loading it on ``device`` when needed."""
+        from vocoslicer.infer.oom import release_device_memory
+        from vocoslicer.infer.sliding import enable_fast_attention
+
+        k = self.key(bundle, device)
+        if k in self._models:
+            self._models.move_to_end(k)
+            return self._models[k], True
+        if bundle.task == "classification":
+            import vocoslicer.models.classifier  # noqa: F401 - registers the architecture
+        model = bundle.build_model().to(device).eval()
+        enable_fast_attention(model)
+        self._models[k] = model
+        while len(self._models) > self.size:
+            _, old = self._models.popitem(last=False)
+            del old
+            release_device_memory()
+        return model, False
+
+    def keys(self) -> list[str]:
+        """Human-readable cache content (for ``ping``)."""
+        return [f"{p}@{d}" for p, _, d in self._models]
+
+
+class Worker:
+    """Serves requests from ``stdin`` on ``stdout`` until ``shutdown`` or end of input."""
+
+    def __init__(self, stdin: IO[str], stdout: IO[str], device: str = "auto", cache_size: int = 2) -> None:
+        self.stdin = stdin
+        self.stdout = stdout
+        self.device = device
+        self.cache = ModelCache(cache_size)
+        self.served = 0
+
+    def serve(self) -> int:
+        """Main loop; returns the exit code."""
+        for raw in self.stdin:
+            line = raw.strip()
+            if not line:
+                continue
+            if not self.handle_line(line):
+                break
+        return 0
+
+    def handle_line(self, line: str) -> bool:
+        """Answer one request line; False when the worker should stop."""
+        try:
+            req = json.loads(line)
+        except json.JSONDecodeError as exc:
+            ProtocolSink(self.stdout, None).send({"id": None, "kind": "error", "code": EXIT_USER,
+                                                  "message": f"request is not valid JSON ({exc.msg})"})
+            return True
+        rid = req.get("id") if isinstance(req, dict) else None
+        sink = ProtocolSink(self.stdout, rid)
+        if not isinstance(req, dict) or req.get("op") not in OPS:
+            op = req.get("op") if isinstance(req, dict) else None
+            sink.send({"id": rid, "kind": "error", "code": EXIT_USER,
+                       "message": f"unknown op {op!r} (expected one of {', '.join(OPS)})"})
+            return True
+        op = req["op"]
+        t0 = time.perf_counter()
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # nothing but protocol lines on our stdout
+                result = self.run_op(op, req, sink)
+        except VoCoError as exc:
+            sink.send({"id": rid, "kind": "error", "code": exc.exit_code, "message": str(exc).splitlines()[0]})
+            return True
+        except Exception as exc:  # noqa: BLE001 - a worker survives a failed request
+            sink.send({"id": rid, "kind": "error", "code": EXIT_CRASH,
+                       "message": f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
+            return True
+        finally:
+            self._release(req.get("device"))
+        self.served += 1
+        sink.send({"id": rid, "kind": "result", "op": op, "seconds": round(time.perf_counter() - t0, 3), **result})
+        return op != "shutdown"
+
+    def _release(self, device: Any) -> None:
+        from vocoslicer.infer.oom import release_device_memory
+
+        release_device_memory(None if device in (None, "auto") else device)
+
+    def _device(self, req: dict[str, Any]) -> Any:
+        from vocoslicer.infer.segment import pick_device
+
+        return pick_device(str(req.get("device") or self.device))
+
+    def run_op(self, op: str, req: dict[str, Any], sink: ProtocolSink) -> dict[str, Any]:
+        """Execute one request and return the fields of its result line."""
+        if op == "ping":
+            import torch
+
+            return {"pid": os.getpid(), "version": __version__, "cuda": torch.cuda.is_available(),
+                    "served": self.served, "cached_models": self.cache.keys()}
+        if op == "shutdown":
+            return {"served": self.served}
+        for field in ("input", "model") + (("output",) if op == "segment" else ()):
+            if not req.get(field):
+                raise UserError(f"{op} request needs '{field}'")
+        if op == "segment":
+            return self._segment(req, sink)
+        return self._classify(req, sink)
+
+    def _segment(self, req: dict[str, Any], sink: ProtocolSink) -> dict[str, Any]:
+        from vocoslicer.infer.segment import labels_csv_path, segment_image
+        from vocoslicer.io import read_image, write_image
+        from vocoslicer.models.registry import resolve
+
+        dev = self._device(req)
+        bundle = resolve(req["model"])
+        if bundle.task != "segmentation":
+            raise UserError(f"model {bundle.describe()} is a {bundle.task} model, not a segmentation model")
+        overlap = req.get("overlap")
+        if overlap is not None and not 0 <= float(overlap) < 1:
+            raise UserError(f"overlap must be in [0, 1), got {overlap}")
+        img = read_image(req["input"], series_uid=req.get("series"))
+        t_load = time.perf_counter()
+        model, cached = self.cache.get(bundle, dev)
+        load_s = time.perf_counter() - t_load
+        label = segment_image(img, bundle, model=model, device=dev, fast=bool(req.get("fast", False)),
+                              overlap=None if overlap is None else float(overlap), events=sink)
+        out = write_image(label, req["output"])
+        csv_path = bundle.labels.write_csv(labels_csv_path(out))
+        sink.artifact(out, "segmentation", labels=str(csv_path), model=bundle.id, model_version=bundle.version)
+        return {"output": str(out), "labels": str(csv_path), "model": bundle.describe(), "device": str(dev),
+                "model_cached": cached, "model_load_seconds": round(load_s, 3)}
+
+    def _classify(self, req: dict[str, Any], sink: ProtocolSink) -> dict[str, Any]:
+        from vocoslicer.infer.classify import output_format, run_classify
+        from vocoslicer.models.registry import resolve
+
+        dev = self._device(req)
+        if req.get("output"):
+            output_format(req["output"])
+        bundle = resolve(req["model"])
+        if bundle.task != "classification":
+            raise UserError(f"model {bundle.describe()} is a {bundle.task} model, not a classification model")
+        t_load = time.perf_counter()
+        model, cached = self.cache.get(bundle, dev)
+        load_s = time.perf_counter() - t_load
+        result = run_classify(req["input"], req.get("output"), str(bundle.path), dev, req.get("series"), sink,
+                              model=model)
+        return {**result, "device": str(dev), "model_cached": cached, "model_load_seconds": round(load_s, 3)}
+
+
+def serve_stdio(device: str = "auto", cache_size: int = 2) -> int:
+    """Run a worker on this process's stdin/stdout (``vocoslicer serve --stdio``)."""
+    stdout = sys.stdout
+    # line-buffered protocol output even when stdout is a pipe
+    with contextlib.suppress(AttributeError, ValueError):
+        stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    return Worker(sys.stdin, stdout, device, cache_size).serve()
