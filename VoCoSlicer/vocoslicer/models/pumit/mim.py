@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vocoslicer.models.pumit.vit import PumitViT
+from vocoslicer.models.pumit.vit import PumitViT, dense_grad
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,6 +25,7 @@ class PumitMIM(nn.Module):
         dim = vit.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.mask_token.register_hook(dense_grad)
         self.mim_head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, codebook_size))
         if not 0 <= mask_layer_start < len(vit.blocks):
             raise ValueError(f"mask_layer_start must be in [0, {len(vit.blocks)})")

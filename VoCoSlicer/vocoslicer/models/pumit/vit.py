@@ -148,6 +148,7 @@ class PumitViT(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=cfg.eps)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.cls_token.register_hook(dense_grad)
         self.apply(_init_weights)
 
     @property
@@ -183,6 +184,13 @@ class PumitViT(nn.Module):
     def forward(self, x: torch.Tensor, aniso_d: int = 0) -> torch.Tensor:  # type: ignore[override]
         outs, _ = self.forward_features(x, aniso_d)
         return self.norm(outs[-1])
+
+
+def dense_grad(grad: torch.Tensor) -> torch.Tensor:
+    """Give an expanded token's gradient standard strides (DDP warns about, and copies, odd-strided grads)."""
+    if grad.stride() == torch.empty(grad.shape, device="meta").stride():
+        return grad
+    return grad.clone(memory_format=torch.contiguous_format)
 
 
 def _init_weights(m: nn.Module) -> None:
