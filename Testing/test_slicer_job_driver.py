@@ -36,6 +36,18 @@ def test_chain_runs_in_order_and_folds_progress_metrics_and_log():
         d.start([])
 
 
+def test_chain_with_run_dirs_reads_the_last_commands_json(tmp_path):
+    cohort = tmp_path / "cohort"
+    d = JobDriver("Add")
+    d.start([["cohort", "init", str(cohort)], ["cohort", "list", str(cohort), "--json"]], run_dir=tmp_path / "runs",
+            env=ENV, python=sys.executable)
+    _run(d)
+    assert d.state.state is JobState.DONE
+    assert (tmp_path / "runs" / "step-0" / "run.json").is_file() and d.job.run_dir == tmp_path / "runs" / "step-1"
+    listed = d.json_output()
+    assert listed["cases"] == [] and listed["cohort"] == str(cohort.resolve())
+
+
 def test_failure_shows_the_jobs_own_message_and_stops_the_chain():
     d = JobDriver("Finetune")
     d.start([["selftest", "job", "--steps", "3", "--sleep", "0", "--fail-at", "2"], ["selftest", "job"]],

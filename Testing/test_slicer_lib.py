@@ -67,6 +67,8 @@ def test_segment_and_classify_args():
         "classify", "a", "-o", "r.json", "--model", "m", "--device", "auto"]
     with pytest.raises(ValueError, match="device"):
         params.SegmentParams(device="gpu").segment_args("a", "b")
+    with pytest.raises(ValueError, match="classification model"):
+        params.SegmentParams().classify_args("a", "r.json")
 
 
 def test_segment_and_finetune_args_are_accepted_by_the_engine_parser():
@@ -104,15 +106,34 @@ def test_finetune_and_pretrain_args():
         params.FinetuneParams(baseModel="m", cohortDir="/c", steps=0).args("/r")
     with pytest.raises(ValueError, match="model"):
         params.FinetuneParams(cohortDir="/c").args("/r")
-    p = params.PretrainParams(method="mim", dataDirs=["/d1", "/d2"], modelSize="L", gpus=2, steps=10,
+    p = params.PretrainParams(method="voco", dataDirs=["/d1", "/d2"], modelSize="L", gpus=2, steps=10,
                               batchSize=4, cropSize=64, outputDir="/o", initCheckpoint="/ck.pt")
-    assert p.args() == ["pretrain", "mim", "--data", "/d1", "/d2", "--size", "L", "--steps", "10", "--batch", "4",
-                        "--crop", "64", "--output", "/o", "--gpus", "2", "--init", "/ck.pt"]
-    assert p.args(resume=True, print_torchrun=True)[-2:] == ["--resume", "--print-torchrun"]
+    assert p.args() == ["pretrain", "voco", "--data", "/d1", "/d2", "--out", "/o", "--size", "L", "--steps", "10",
+                        "--batch", "4", "--crop", "64", "--gpus", "2", "--init", "/ck.pt"]
+    assert p.args(resume=True)[-1] == "--resume"
+    mim = params.PretrainParams(**{**p.__dict__, "method": "mim", "modelSize": "S", "initCheckpoint": "/tok"})
+    assert mim.args()[-2:] == ["--tokenizer", "/tok"]
     for bad, match in ((dict(method="simclr"), "method"), (dict(dataDirs=[]), "data folder"),
-                       (dict(outputDir=""), "output"), (dict(gpus=0), "gpus")):
+                       (dict(outputDir=""), "output"), (dict(gpus=0), "gpus"), (dict(modelSize="S"), "size"),
+                       (dict(method="mim", modelSize="B", initCheckpoint=""), "tokenizer"),
+                       (dict(method="tokenizer", modelSize="tiny"), "from scratch")):
         with pytest.raises(ValueError, match=match):
             params.PretrainParams(**{**p.__dict__, **bad}).args()
+    assert p.torchrun_command() == ("torchrun --nproc_per_node=2 --standalone -m vocoslicer pretrain voco --data /d1 "
+                                    "/d2 --out /o --size L --steps 10 --batch 4 --crop 64 --init /ck.pt")
+    assert "--nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR" in p.torchrun_command(nnodes=4)
+
+
+def test_pretrain_args_are_accepted_by_the_engine_parser(tmp_path):
+    from vocoslicer.cli import build_parser
+
+    p = params.PretrainParams(method="tokenizer", dataDirs=[str(tmp_path)], modelSize="tiny", steps=3, batchSize=1,
+                              cropSize=32, outputDir=str(tmp_path / "run"))
+    ns = build_parser().parse_args(p.args(resume=True))
+    assert (ns.method, ns.size, ns.steps, ns.batch, ns.gpus, ns.resume) == ("tokenizer", "tiny", 3, 1, 1, True)
+    assert str(ns.out) == str(tmp_path / "run")
+    mim = params.PretrainParams(**{**p.__dict__, "method": "mim", "initCheckpoint": str(tmp_path)})
+    assert build_parser().parse_args(mim.args()).tokenizer == str(tmp_path)
 
 
 def test_params_from_a_parameter_node_like_object():

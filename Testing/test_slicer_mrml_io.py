@@ -182,6 +182,10 @@ def test_classification_becomes_table_and_attribute(slicer_core):
     np.testing.assert_allclose([t.GetColumn(1).GetValue(i) for i in range(3)], [0.7, 0.2, 0.1])
     assert vol.GetAttribute(mrml_io.CLASS_ATTRIBUTE) == "tumour"
     assert table.GetAttribute(mrml_io.PROBABILITY_ATTRIBUTE) == "0.7"
+    engine = {"model": "m", "classes": ["x", "y"], "probabilities": [0.3, 0.7], "predicted": {"index": 1}}
+    assert mrml_io.class_probabilities(engine) == [("y", 0.7), ("x", 0.3)]
+    with pytest.raises(ValueError, match="2 classes but 1"):
+        mrml_io.class_probabilities({"classes": ["x", "y"], "probabilities": [1.0]})
     listed = {"classes": [{"name": "a", "probability": 0.4}, {"class": "b", "prob": 0.6}]}
     assert mrml_io.class_probabilities(listed) == [("b", 0.6), ("a", 0.4)]
     with pytest.raises(ValueError):

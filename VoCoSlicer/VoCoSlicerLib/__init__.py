@@ -4,3 +4,20 @@ Qt-free and torch-free on purpose: it imports only ``slicer`` MRML classes, ``vt
 library, so the same code runs inside the Slicer app and in pytest on a plain ``slicer-core`` scene. The thin
 module files (VoCoSlicer.py, VoCoSegment.py, VoCoPretrain.py) own every widget and timer.
 """
+
+# leaves first, so a reloaded module never keeps references into a stale one (``onReload`` in the widgets)
+_RELOAD_ORDER = ("labels_csv", "state", "params", "engine", "job_runs", "jobs", "worker_client", "plots", "deps",
+                 "models_view", "mrml_io", "cohort_view", "segment_flow", "job_driver")
+
+
+def reload_package() -> list[str]:
+    """Reload every loaded ``VoCoSlicerLib`` submodule (Slicer's "Reload" only reloads the module file)."""
+    import importlib
+    import sys
+
+    loaded = [n for n in sys.modules if n.startswith(__name__ + ".")]
+    order = [f"{__name__}.{m}" for m in _RELOAD_ORDER if f"{__name__}.{m}" in loaded]
+    order += sorted(set(loaded) - set(order))
+    for name in order:
+        importlib.reload(sys.modules[name])
+    return order

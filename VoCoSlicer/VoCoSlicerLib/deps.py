@@ -19,6 +19,13 @@ PROTECTED = ("torch", "numpy", "SimpleITK")
 MIN_TORCH = (2, 3)
 
 
+def write_constraints(path: str | os.PathLike[str]) -> Path:
+    """Write :func:`protected_constraints` to a file for ``pip -c`` (pip_ensure's ``constraints``)."""
+    p = Path(path)
+    p.write_text(protected_constraints(), encoding="utf-8")
+    return p
+
+
 def requirement_lines(path: str | os.PathLike[str]) -> list[str]:
     """Requirement strings of a requirements file (comments, blank lines and pip options dropped)."""
     out = []
@@ -75,9 +82,9 @@ class EnvReport:
     problems: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_json(cls, text: str) -> EnvReport:
-        """Parse the probe's JSON (unknown keys ignored)."""
-        d = json.loads(text)
+    def from_json(cls, text: str | dict[str, Any]) -> EnvReport:
+        """Parse the probe's JSON text or its already-decoded dict (unknown keys ignored)."""
+        d = json.loads(text) if isinstance(text, str) else text
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
 

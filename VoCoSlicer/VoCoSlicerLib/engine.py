@@ -13,8 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def python_executable() -> str:
-    """``PythonSlicer`` when running inside Slicer (or found next to it), else this interpreter."""
+def python_executable(override: str | None = None) -> str:
+    """``override`` (a user-chosen Python) if given, else ``PythonSlicer`` inside Slicer, else this interpreter."""
+    if override and str(override) not in ("", "."):
+        return str(override)
     exe = Path(sys.executable)
     for name in ("PythonSlicer", "PythonSlicer.exe"):
         if exe.name == name:

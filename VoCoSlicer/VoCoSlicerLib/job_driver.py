@@ -8,6 +8,7 @@ and the log) is here, Qt-free, and tested with real child processes.
 from __future__ import annotations
 
 import collections
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -44,6 +45,8 @@ class JobDriver:
         self.worker: Any = None  # a WorkerClient while a warm-worker request runs
         self.result: dict[str, Any] | None = None  # the worker's result of the last request
         self._request: tuple[str, list[str] | None, bool] | None = None  # (request id, fallback args, any event)
+        self._run_root: Path | None = None
+        self._step = 0
 
     @property
     def busy(self) -> bool:
@@ -52,25 +55,25 @@ class JobDriver:
 
     def _reset_outputs(self) -> None:
         self.metrics, self.throughput, self.artifacts, self.result = MetricHistory(), Throughput(), [], None
-        self.job, self._request = None, None
+        self.job, self._request, self._run_root, self._step = None, None, None, 0
 
     def start(self, commands: Sequence[Sequence[str]], run_dir: str | os.PathLike[str] | None = None,
               env: Mapping[str, str] | None = None, detached: bool = False, python: str | None = None) -> None:
         """Launch ``commands[0]`` now and the others one after the other, each only if the previous succeeded.
 
-        ``run_dir`` (single command only) keeps events, log and checkpoints there, so the run can be reattached
-        or resumed after a Slicer restart. Raises the job client's error if the first one cannot start.
+        ``run_dir`` keeps events, log, console output and checkpoints there (``run_dir/step-N`` per command of
+        a chain), so the run can be reattached or resumed after a Slicer restart and a command's printed JSON can
+        be read with :meth:`json_output`. Raises the job client's error if the first one cannot start.
         """
         if self.busy:
             raise RuntimeError("a job is already running; cancel it first")
         if not commands:
             raise ValueError("nothing to run")
-        if run_dir is not None and len(commands) != 1:
-            raise ValueError("a run directory holds one command")
         self._reset_outputs()
         self.python = python or self.python or python_executable()
         self._pending = [list(map(str, c)) for c in commands]
-        self._launch = {"run_dir": run_dir, "env": dict(env or {}), "detached": detached}
+        self._run_root = Path(run_dir) if run_dir is not None and len(commands) > 1 else None
+        self._launch = {"run_dir": None if self._run_root else run_dir, "env": dict(env or {}), "detached": detached}
         self.state.start()
         try:
             self._start_next()
@@ -80,6 +83,9 @@ class JobDriver:
 
     def _start_next(self) -> None:
         args = self._pending.pop(0)
+        if self._run_root is not None:
+            self._launch["run_dir"] = self._run_root / f"step-{self._step}"
+        self._step += 1
         self.log.append(f"$ {shell_command(args, self.python)}")
         self.job = Job.start(args, python=self.python, **self._launch)
         self.run_dir = self.job.run_dir
@@ -231,6 +237,29 @@ class JobDriver:
             if ev.get("type") == type_:
                 return ev
         return None
+
+    def console_text(self) -> str:
+        """What the last command printed (stdout and stderr; needs a run directory), "" when unknown."""
+        if self.job is None or self.job.run_dir is None:
+            return ""
+        try:
+            return (self.job.run_dir / "console.txt").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def json_output(self) -> Any:
+        """The first JSON object or list the last command printed (``... --json`` commands)."""
+        text = self.console_text()
+        decoder = json.JSONDecoder()
+        pos = 0
+        for line in text.splitlines(keepends=True):
+            if line.lstrip().startswith(("{", "[")):
+                try:
+                    return decoder.raw_decode(text, pos + len(line) - len(line.lstrip()))[0]
+                except ValueError:
+                    pass
+            pos += len(line)
+        raise ValueError(f"the command printed no JSON: {text.strip()[-300:] or '(nothing)'}")
 
     def log_text(self) -> str:
         """The log as one string for a text view."""

@@ -8,7 +8,9 @@ small engine changes do not break the panel.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 COLUMNS = ("Model", "Version", "Task", "Status", "Size", "Licence")
@@ -73,14 +75,14 @@ def _row(d: dict[str, Any]) -> ModelRow:
         path=str(d.get("path", "") or ""), description=str(d.get("description", "") or ""), parent=str(parent))
 
 
-def parse_catalog(text: str) -> list[ModelRow]:
+def parse_catalog(text: str | dict | list) -> list[ModelRow]:
     """Rows from the JSON ``models list --json`` prints, installed first, then by id and version.
 
     The engine prints ``{"catalog": [...], "installed": [...]}``: downloadable entries and the bundles on disk.
     An installed bundle that is also in the catalog gets the catalog's size and licence. A bare list or
     ``{"models": [...]}`` is accepted too.
     """
-    data = json.loads(text)
+    data = json.loads(text) if isinstance(text, str) else text
     if isinstance(data, dict) and ("catalog" in data or "installed" in data):
         entries = [d for d in data.get("catalog") or [] if isinstance(d, dict)]
         catalog = {(d.get("id"), str(d.get("version", ""))): d for d in entries}
@@ -115,6 +117,11 @@ def find(rows: list[ModelRow], spec: str) -> ModelRow | None:
             return r
     matches = [r for r in rows if r.id == spec and r.installed]
     return max(matches, key=lambda r: _version_key(r.version)) if matches else None
+
+
+def models_dir() -> Path:
+    """Where the engine installs models (``$VOCOSLICER_HOME/models``, default ``~/.vocoslicer/models``)."""
+    return Path(os.environ.get("VOCOSLICER_HOME") or Path.home() / ".vocoslicer").expanduser() / "models"
 
 
 def list_args() -> list[str]:

@@ -272,14 +272,20 @@ PROBABILITY_ATTRIBUTE = "VoCo.ClassProbability"
 def class_probabilities(result: dict) -> list[tuple[str, float]]:
     """Class probabilities from a ``classify`` result, highest first.
 
-    Accepts ``{"probabilities": {name: p}}`` or ``{"classes": [{"name"|"class"|"label": .., "probability": ..}]}``
-    so small changes of the engine's JSON do not break the GUI.
+    The engine writes ``{"classes": [names], "probabilities": [p, ...], "predicted": {...}}``; a mapping
+    ``{"probabilities": {name: p}}`` or ``{"classes": [{"name": .., "probability": ..}]}`` is accepted too, so
+    small changes of the engine's JSON do not break the GUI.
     """
-    if isinstance(result.get("probabilities"), dict):
-        pairs = [(str(k), float(v)) for k, v in result["probabilities"].items()]
-    elif isinstance(result.get("classes"), list):
+    classes, probs = result.get("classes"), result.get("probabilities")
+    if isinstance(classes, list) and isinstance(probs, list) and all(isinstance(c, str) for c in classes):
+        if len(classes) != len(probs):
+            raise ValueError(f"classification result: {len(classes)} classes but {len(probs)} probabilities")
+        pairs = [(c, float(p)) for c, p in zip(classes, probs, strict=True)]
+    elif isinstance(probs, dict):
+        pairs = [(str(k), float(v)) for k, v in probs.items()]
+    elif isinstance(classes, list):
         pairs = []
-        for c in result["classes"]:
+        for c in classes:
             name = c.get("name", c.get("class", c.get("label")))
             prob = c.get("probability", c.get("prob", c.get("p")))
             if name is None or prob is None:

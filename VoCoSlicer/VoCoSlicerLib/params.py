@@ -8,12 +8,15 @@ client); keeping them here, small and tested, makes engine CLI changes cheap to 
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 DEVICES = ("auto", "cuda", "cpu")
 PRETRAIN_METHODS = ("voco", "tokenizer", "mim")
-MODEL_SIZES = ("B", "L", "H")
+# sizes each method's engine command accepts (VoCo SwinUNETR B/L/H; PUMIT tokenizer presets; PUMIT ViT)
+PRETRAIN_SIZES = {"voco": ("B", "L", "H"), "tokenizer": ("paper", "small", "tiny"), "mim": ("tiny", "S", "B", "L")}
+MODEL_SIZES = ("tiny", "small", "S", "B", "L", "H", "paper")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -50,10 +53,9 @@ class SegmentParams:
     def classify_args(self, input_path: str, output_json: str) -> list[str]:
         """``classify IN -o OUT.json [--model M] [--device D]``."""
         _check_choice("device", self.device, DEVICES)
-        args = ["classify", str(input_path), "-o", str(output_json)]
-        if self.model:
-            args += ["--model", self.model]
-        return [*args, "--device", self.device]
+        if not self.model:
+            raise ValueError("choose a classification model (the bundled demo model segments, it does not classify)")
+        return ["classify", str(input_path), "-o", str(output_json), "--model", self.model, "--device", self.device]
 
 
 @dataclass
@@ -132,28 +134,45 @@ class PretrainParams:
     batchSize: int = 2  # noqa: N815
     cropSize: int = 96  # noqa: N815
     outputDir: str = ""  # noqa: N815
-    initCheckpoint: str = ""  # noqa: N815
+    initCheckpoint: str = ""  # noqa: N815 - voco: --init CHECKPOINT; mim: --tokenizer RUNDIR|BUNDLE
 
-    def args(self, resume: bool = False, print_torchrun: bool = False) -> list[str]:
-        """``pretrain METHOD --data D.. --size S --steps N --batch B --crop C --output O [--init CKPT] ...``."""
+    def args(self, resume: bool = False) -> list[str]:
+        """``pretrain METHOD --data D.. --out RUN --size S --steps N --batch B --crop C --gpus G [...]``."""
         _check_choice("method", self.method, PRETRAIN_METHODS)
-        _check_choice("model size", self.modelSize, MODEL_SIZES)
+        _check_choice(f"model size for {self.method}", self.modelSize, PRETRAIN_SIZES[self.method])
         if not self.dataDirs:
             raise ValueError("add at least one data folder")
         if not self.outputDir:
             raise ValueError("choose an output folder")
         for name in ("gpus", "steps", "batchSize", "cropSize"):
             _check_positive(name, getattr(self, name))
-        args = ["pretrain", self.method, "--data", *self.dataDirs, "--size", self.modelSize,
+        args = ["pretrain", self.method, "--data", *self.dataDirs, "--out", self.outputDir, "--size", self.modelSize,
                 "--steps", str(self.steps), "--batch", str(self.batchSize), "--crop", str(self.cropSize),
-                "--output", self.outputDir, "--gpus", str(self.gpus)]
-        if self.initCheckpoint:
+                "--gpus", str(self.gpus)]
+        if self.method == "mim":
+            if not self.initCheckpoint:
+                raise ValueError("PUMIT MIM needs a trained tokenizer: set 'Start from' to its run folder or bundle")
+            args += ["--tokenizer", self.initCheckpoint]
+        elif self.initCheckpoint:
+            if self.method == "tokenizer":
+                raise ValueError("the tokenizer trains from scratch: clear 'Start from' (or use Resume)")
             args += ["--init", self.initCheckpoint]
-        if resume:
-            args.append("--resume")
-        if print_torchrun:
-            args.append("--print-torchrun")
-        return args
+        return [*args, "--resume"] if resume else args
+
+    def torchrun_command(self, nnodes: int = 1) -> str:
+        """The command that runs these settings under torchrun (the engine's own form), for a terminal or a
+        cluster job script; several nodes read ``$MASTER_ADDR``/``$NODE_RANK`` from the job's environment."""
+        args = self.args()
+        i = args.index("--gpus")
+        del args[i:i + 2]  # torchrun starts the processes itself
+        cmd = ["torchrun", f"--nproc_per_node={self.gpus}"]
+        if nnodes <= 1:
+            cmd.append("--standalone")
+        else:
+            cmd += [f"--nnodes={nnodes}", "--node_rank=$NODE_RANK", "--master_addr=$MASTER_ADDR",
+                    "--master_port=29500"]
+        return " ".join(shlex.quote(a) if not a.startswith("--node_rank=$") and not a.startswith("--master_addr=$")
+                        else a for a in [*cmd, "-m", "vocoslicer", *args])
 
 
 def field_names(cls: type) -> list[str]:
