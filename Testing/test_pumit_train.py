@@ -64,7 +64,7 @@ def test_inputs_are_depth_first_and_cached(items, tmp_path):
 
 
 def test_tokenizer_steps_reduce_loss(items, tmp_path):
-    r = train_tokenizer(items, tmp_path / "tok", TINY_TOK, _cfg(10, 3e-3), RECIPE, batch_size=2, tokens_z=2,
+    r = train_tokenizer(items, tmp_path / "tok", TINY_TOK, _cfg(8, 3e-3), RECIPE, batch_size=2, tokens_z=1,
                         tokens_xy=2)
     h = r["history"]
     assert _mean(h, "loss", slice(-3, None)) < _mean(h, "loss", slice(0, 3))
