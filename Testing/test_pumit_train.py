@@ -135,6 +135,9 @@ def test_cli_tokenizer_then_mim(tmp_path, items):
     assert (tmp_path / "mim" / "backbone" / "model.json").is_file()
     assert main(["pretrain", "mim", "--tokenizer", str(tmp_path / "nope"), *common, "--out", str(tmp_path / "x")]) == 2
     assert main(["pretrain", "tokenizer", *common, "--out", str(tmp_path / "y"), "--crop", "30,32"]) == 2
+    from vocoslicer.commands._pretrain_tokenizer import parse_crop
+
+    assert parse_crop("96", 16) == (6, 6) and parse_crop("80,160", 16) == (5, 10)
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

@@ -24,8 +24,8 @@ def add_common(p: argparse.ArgumentParser, steps: int, batch: int, lr: float, cr
     p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
     p.add_argument("--batch", type=int, default=batch, help=f"crops per batch and GPU (default {batch})")
     p.add_argument("--crop", default=crop, metavar="D,HW",
-                   help=f"crop of isotropic data in voxels (default {crop}); thick-slice and 2D data get the same "
-                        "token grid with fewer slices")
+                   help=f"crop of isotropic data in voxels, D,HW or one size N (default {crop}); thick-slice and 2D "
+                        "data get the same token grid with fewer slices")
     p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
@@ -44,11 +44,12 @@ def add_common(p: argparse.ArgumentParser, steps: int, batch: int, lr: float, cr
 
 
 def parse_crop(text: str, stride: int) -> tuple[int, int]:
-    """``D,HW`` voxels -> (tokens_z, tokens_xy); both must be multiples of the network stride."""
+    """``D,HW`` (or one size ``N`` = N,N) voxels -> (tokens_z, tokens_xy); multiples of the network stride."""
     try:
-        d, hw = (int(v) for v in text.split(","))
+        sizes = [int(v) for v in str(text).split(",")]
+        d, hw = (sizes[0], sizes[0]) if len(sizes) == 1 else sizes
     except ValueError:
-        raise UserError(f"--crop {text}: expected two integers D,HW (e.g. 64,128)") from None
+        raise UserError(f"--crop {text}: expected D,HW or one size N (e.g. 64,128 or 96)") from None
     if d <= 0 or hw <= 0 or d % stride or hw % stride:
         raise UserError(f"--crop {text}: both sizes must be positive multiples of the network stride {stride}")
     return d // stride, hw // stride
