@@ -79,28 +79,19 @@ def test_cancel_then_resume_then_reattach(tmp_path):
     assert later.state.state is JobState.DONE and later.metrics.last("train/value") == 60.0
 
 
-# A stand-in for ``vocoslicer serve --stdio`` (not in the engine yet): a real child process speaking the worker's
-# JSON-lines protocol, answering each request with one progress event and a result.
-STAND_IN_SERVER = r"""
-import json, sys
-for line in sys.stdin:
-    req = json.loads(line)
-    if req["op"] == "shutdown":
-        break
-    print(json.dumps({"id": req["id"], "kind": "progress", "step": 1, "total": 2, "stage": "inference"}), flush=True)
-    print(json.dumps({"id": req["id"], "kind": "result", "output": req.get("output")}), flush=True)
-"""
-
-
 def test_warm_worker_request_and_fallback_to_a_one_shot_job():
     from VoCoSlicerLib.worker_client import WorkerClient
 
-    with WorkerClient(python=sys.executable, args=["-c", STAND_IN_SERVER]) as worker:
+    with WorkerClient(python=sys.executable, env=ENV) as worker:  # the real ``vocoslicer serve --stdio``
         d = JobDriver("Segment")
-        d.start_request(worker, "segment", {"input": "in.nrrd", "output": "out.nii.gz"})
-        _run(d, timeout=30)
-        assert d.state.state is JobState.DONE and d.result["output"] == "out.nii.gz"
-        assert d.state.stage == "done"
+        d.start_request(worker, "ping", {})
+        _run(d, timeout=120)
+        assert d.state.state is JobState.DONE and d.result["kind"] == "result" and d.result["pid"] == worker.pid
+        d.start_request(worker, "segment", {"input": "/no/such.nrrd", "output": "/tmp/x.nii.gz", "model": "m"},
+                        fallback=["selftest", "job"])
+        _run(d, timeout=60)
+        assert d.state.state is JobState.FAILED and d.state.message  # the engine's error, no fallback
+        assert "warm worker unavailable" not in d.log_text()
     with WorkerClient(python=sys.executable, args=["-m", "vocoslicer", "no-such-command"], env=ENV) as broken:
         d = JobDriver("Segment")
         d.start_request(broken, "segment", {"input": "x"}, fallback=["selftest", "job", "--steps", "2", "--sleep", "0"])

@@ -119,9 +119,19 @@ def test_finetune_and_pretrain_args():
                        (dict(method="tokenizer", modelSize="tiny"), "from scratch")):
         with pytest.raises(ValueError, match=match):
             params.PretrainParams(**{**p.__dict__, **bad}).args()
-    assert p.torchrun_command() == ("torchrun --nproc_per_node=2 --standalone -m vocoslicer pretrain voco --data /d1 "
-                                    "/d2 --out /o --size L --steps 10 --batch 4 --crop 64 --init /ck.pt")
+    assert p.torchrun_command() == ("python -m torch.distributed.run --nproc_per_node=2 --standalone -m vocoslicer "
+                                    "pretrain voco --data /d1 /d2 --out /o --size L --steps 10 --batch 4 --crop 64 "
+                                    "--init /ck.pt")
     assert "--nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR" in p.torchrun_command(nnodes=4)
+
+
+def test_torchrun_command_matches_the_engines_own(tmp_path):
+    p = params.PretrainParams(method="voco", dataDirs=[str(tmp_path)], modelSize="L", gpus=2, steps=10, batchSize=4,
+                              cropSize=64, outputDir=str(tmp_path / "o"))
+    out = subprocess.run([sys.executable, "-m", "vocoslicer", *p.args(), "--print-torchrun"], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == p.torchrun_command(python=sys.executable)
 
 
 def test_pretrain_args_are_accepted_by_the_engine_parser(tmp_path):

@@ -17,7 +17,7 @@ slicer = pytest.importorskip("slicer")
 
 from VoCoSlicerLib import segment_flow  # noqa: E402
 from VoCoSlicerLib.labels_csv import LabelInfo, labels_csv_path, write_labels_csv  # noqa: E402
-from VoCoSlicerLib.params import CohortParams, SegmentParams  # noqa: E402
+from VoCoSlicerLib.params import DEMO_MODEL_ID, CohortParams, SegmentParams  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 LABELS = [LabelInfo(1, "liver", (200, 30, 30)), LabelInfo(2, "spleen", (30, 30, 200)), LabelInfo(4, "aorta")]
@@ -53,7 +53,7 @@ def test_segment_result_correction_and_cohort_roundtrip(slicer_core, tmp_path):
     vol, m = _volume("flow-ct")
     task = segment_flow.prepare_segment(vol, SegmentParams(device="cpu"), tmp_path / "job")
     assert task.args[:4] == ["segment", str(task.input), "-o", str(task.output)]
-    assert task.request["input"] == str(task.input) and task.request["model"] is None
+    assert task.request["input"] == str(task.input) and task.request["model"] == DEMO_MODEL_ID
     ref = sitk.ReadImage(str(task.input))
     np.testing.assert_allclose(ref.GetOrigin(), LPS @ m[:3, 3], atol=1e-9)
 
@@ -90,6 +90,12 @@ def test_segment_result_correction_and_cohort_roundtrip(slicer_core, tmp_path):
     vol2, _ = _volume("flow-ct-2")
     cmds = segment_flow.prepare_cohort_case(scene, vol2, None, CohortParams(str(cohort)), tmp_path / "case2")
     assert len(cmds) == 1 and "--label" not in cmds[0]
+
+
+def test_demo_model_id_is_the_engines():
+    from vocoslicer.models.registry import DEMO_MODEL_ID as ENGINE_DEMO
+
+    assert DEMO_MODEL_ID == ENGINE_DEMO
 
 
 def test_segmentation_made_elsewhere_cannot_go_to_the_cohort(slicer_core, tmp_path):

@@ -8,6 +8,7 @@ import logging
 import pathlib
 from typing import Annotated
 
+import ctk
 import qt
 import slicer
 from slicer.i18n import tr as _
@@ -84,7 +85,7 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(500)
         self._timer.connect("timeout()", self._onTimer)
-        self.ui.outputDirPathLineEdit.filters = self.ui.outputDirPathLineEdit.Dirs
+        self.ui.outputDirPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.addDataDirButton.connect("clicked(bool)", self.onAddDataDir)

@@ -8,6 +8,7 @@ import logging
 import pathlib
 from typing import Annotated
 
+import ctk
 import qt
 import slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
@@ -26,7 +27,7 @@ from VoCoSlicerLib import cohort_view, models_view, plots, segment_flow
 from VoCoSlicerLib.engine import python_executable
 from VoCoSlicerLib.job_driver import JobDriver
 from VoCoSlicerLib.job_runs import list_runs, new_run_dir
-from VoCoSlicerLib.params import CohortParams, FinetuneParams, SegmentParams
+from VoCoSlicerLib.params import DEMO_MODEL_ID, CohortParams, FinetuneParams, SegmentParams
 from VoCoSlicerLib.state import JobState
 
 PYTHON_SETTING = "VoCoSlicer/PythonExecutable"  # written by the VoCoSlicer set-up module
@@ -99,7 +100,7 @@ class VoCoSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self._onTimer)
 
-        self.ui.cohortDirPathLineEdit.filters = self.ui.cohortDirPathLineEdit.Dirs
+        self.ui.cohortDirPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
         self.ui.segmentEditorWidget.setSegmentationNodeSelectorVisible(False)
         self.ui.segmentEditorWidget.setSourceVolumeNodeSelectorVisible(False)
@@ -309,7 +310,7 @@ class VoCoSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start finetuning."), waitCursor=True):
             pn = self._parameterNode
-            base = pn.model or "demo"
+            base = pn.model or DEMO_MODEL_ID
             params = FinetuneParams(baseModel=base, cohortDir=self._cohortParams().cohortDir, steps=pn.steps,
                                     learningRate=pn.learningRate, batchSize=pn.batchSize,
                                     semiSupervised=pn.semiSupervised, device=pn.device)
@@ -336,9 +337,12 @@ class VoCoSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.modules.plots.logic().ShowChartInLayout(self._chart)
 
     def _onFinetuneFinished(self, driver):
-        self.ui.finetuneStatusLabel.text = driver.state.message or driver.state.state.value
-        if driver.state.state is JobState.DONE:
-            self.onRefreshModels()  # the new model version appears in the selector
+        model = driver.artifact("model")
+        if driver.state.state is JobState.DONE and model:
+            self._parameterNode.model = model["path"]  # selected once the refreshed list arrives
+            self.onRefreshModels()
+            driver.state.message = _("New model {id} {version} (validation Dice {dice})").format(
+                id=model.get("id", ""), version=model.get("version", ""), dice=model.get("val_dice", "?"))
 
     # ------------------------------------------------------------------ polling and GUI state
     def _onTimer(self):

@@ -6,6 +6,7 @@ by all three modules) and ``vocoslicer`` (the engine, run only in child processe
 
 import pathlib
 
+import ctk
 import qt
 import slicer
 from slicer.i18n import tr as _
@@ -79,7 +80,7 @@ class VoCoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
         table.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
         self.ui.environmentTableWidget.setHorizontalHeaderLabels([_("Item"), _("Value")])
-        self.ui.pythonPathLineEdit.filters = self.ui.pythonPathLineEdit.Files | self.ui.pythonPathLineEdit.Executable
+        self.ui.pythonPathLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Executable
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.checkEnvironmentButton.connect("clicked(bool)", self.onCheckEnvironment)

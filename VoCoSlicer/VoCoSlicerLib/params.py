@@ -14,6 +14,7 @@ from typing import Any
 
 DEVICES = ("auto", "cuda", "cpu")
 PRETRAIN_METHODS = ("voco", "tokenizer", "mim")
+DEMO_MODEL_ID = "vocoslicer-demo-phantom"  # the engine's bundled model (vocoslicer.models.registry.DEMO_MODEL_ID)
 # sizes each method's engine command accepts (VoCo SwinUNETR B/L/H; PUMIT tokenizer presets; PUMIT ViT)
 PRETRAIN_SIZES = {"voco": ("B", "L", "H"), "tokenizer": ("paper", "small", "tiny"), "mim": ("tiny", "S", "B", "L")}
 MODEL_SIZES = ("tiny", "small", "S", "B", "L", "H", "paper")
@@ -159,20 +160,21 @@ class PretrainParams:
             args += ["--init", self.initCheckpoint]
         return [*args, "--resume"] if resume else args
 
-    def torchrun_command(self, nnodes: int = 1) -> str:
-        """The command that runs these settings under torchrun (the engine's own form), for a terminal or a
-        cluster job script; several nodes read ``$MASTER_ADDR``/``$NODE_RANK`` from the job's environment."""
+    def torchrun_command(self, nnodes: int = 1, python: str = "python") -> str:
+        """The command that runs these settings under torch.distributed (the same form the engine's
+        ``pretrain voco --print-torchrun`` prints), for a terminal or a cluster job script. ``python`` defaults
+        to the cluster's ``python``; several nodes read ``$NODE_RANK``/``$MASTER_ADDR`` from the job's environment.
+        """
         args = self.args()
         i = args.index("--gpus")
-        del args[i:i + 2]  # torchrun starts the processes itself
-        cmd = ["torchrun", f"--nproc_per_node={self.gpus}"]
+        del args[i:i + 2]  # torch.distributed starts the processes itself
+        cmd = [python, "-m", "torch.distributed.run", f"--nproc_per_node={self.gpus}"]
         if nnodes <= 1:
             cmd.append("--standalone")
         else:
             cmd += [f"--nnodes={nnodes}", "--node_rank=$NODE_RANK", "--master_addr=$MASTER_ADDR",
                     "--master_port=29500"]
-        return " ".join(shlex.quote(a) if not a.startswith("--node_rank=$") and not a.startswith("--master_addr=$")
-                        else a for a in [*cmd, "-m", "vocoslicer", *args])
+        return " ".join(a if "=$" in a else shlex.quote(a) for a in [*cmd, "-m", "vocoslicer", *args])
 
 
 def field_names(cls: type) -> list[str]:

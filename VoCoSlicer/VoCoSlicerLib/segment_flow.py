@@ -18,7 +18,7 @@ import slicer
 
 from VoCoSlicerLib import cohort_view, mrml_io
 from VoCoSlicerLib.labels_csv import LabelInfo, labels_csv_path, parse_labels_csv, read_labels_csv
-from VoCoSlicerLib.params import CohortParams, SegmentParams
+from VoCoSlicerLib.params import DEMO_MODEL_ID, CohortParams, SegmentParams
 
 LABELS_ATTRIBUTE = "VoCo.Labels"  # the model's labels table (CSV text) on a segmentation node
 MODEL_ATTRIBUTE = "VoCo.ModelId"
@@ -42,8 +42,8 @@ def prepare_segment(volume_node: slicer.vtkMRMLVolumeNode, params: SegmentParams
     work = Path(work_dir)
     source = mrml_io.write_volume(volume_node, work / "input.nrrd")
     output = work / "segmentation.nii.gz"
-    request = {"input": str(source), "output": str(output), "model": params.model or None, "device": params.device,
-               "fast": params.fast}
+    request = {"input": str(source), "output": str(output), "model": params.model or DEMO_MODEL_ID,
+               "device": params.device, "fast": params.fast}
     return Task(work, source, output, params.segment_args(str(source), str(output)), request)
 
 
@@ -79,7 +79,7 @@ def prepare_classify(volume_node: slicer.vtkMRMLVolumeNode, params: SegmentParam
     work = Path(work_dir)
     source = mrml_io.write_volume(volume_node, work / "input.nrrd")
     output = work / "classification.json"
-    request = {"input": str(source), "output": str(output), "model": params.model or None, "device": params.device}
+    request = {"input": str(source), "output": str(output), "model": params.model, "device": params.device}
     return Task(work, source, output, params.classify_args(str(source), str(output)), request)
 
 
