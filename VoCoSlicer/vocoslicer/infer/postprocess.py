@@ -41,3 +41,17 @@ def keep_largest_component_image(label: sitk.Image, values: Iterable[int] | None
     out = sitk.GetImageFromArray(arr)
     out.CopyInformation(label)
     return out
+
+
+def labels_to_reference(labels: np.ndarray, grid: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """Nearest-neighbour resampling of a model-grid label map (X, Y, Z array) onto ``reference``'s exact grid.
+
+    The fast path's way back (what the official pipeline does with ``Invertd(nearest_interp=True)``): only one
+    byte per voxel ever exists at the input resolution. Voxels outside the model grid become background.
+    """
+    arr = np.ascontiguousarray(np.asarray(labels).transpose(2, 1, 0))  # (X, Y, Z) -> SimpleITK's (Z, Y, X)
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(grid)
+    out = sitk.Resample(img, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, img.GetPixelID())
+    out.CopyInformation(reference)
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from vocoslicer.errors import Cancelled, UserError
+from vocoslicer.jobs.events import NULL_SINK, EventSink
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -233,3 +235,55 @@ def count_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> i
     """Number of windows a volume needs (after padding to the window size)."""
     padded = [max(int(s), int(r)) for s, r in zip(shape, roi, strict=True)]
     return math.prod(len(window_starts(s, int(r), overlap)) for s, r in zip(padded, roi, strict=True))
+
+
+def _progress_events(events: EventSink, stage: str) -> ProgressFn:
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last[0] >= 0.25:
+            last[0] = now
+            events.progress(done, total, stage=stage)
+
+    return report
+
+
+def predict_scores_fast(model: torch.nn.Module, x: torch.Tensor, roi: Sequence[int], overlap: float, mode: str,
+                        sw_batch_size: int, device: torch.device, events: EventSink = NULL_SINK,
+                        cancel: CancelFn | None = None) -> torch.Tensor:
+    """Drop-in for ``infer.segment.predict_scores``: (C, X, Y, Z) float16 scores on the CPU.
+
+    Fast engine (autocast, SDPA attention, batched windows), CUDA OOM fallback (fewer windows, then CPU, with a
+    warning event) and GPU memory released afterwards.
+    """
+    from vocoslicer.infer.oom import device_job, run_with_oom_fallback
+
+    enable_fast_attention(model)
+    report = _progress_events(events, "sliding-window inference")
+
+    def fn(dev: torch.device, bs: int) -> torch.Tensor:
+        return sliding_window_scores(model.to(dev), x, roi, overlap=overlap, mode=mode, sw_batch_size=bs,
+                                     device=dev, progress=report, cancel=cancel)
+
+    with device_job(device):
+        scores, _, _ = run_with_oom_fallback(fn, device, sw_batch_size, events)
+    return scores
+
+
+def predict_labels_fast(model: torch.nn.Module, x: torch.Tensor, roi: Sequence[int], overlap: float, mode: str,
+                        sw_batch_size: int, device: torch.device, channel_values: Sequence[int] | None = None,
+                        events: EventSink = NULL_SINK, cancel: CancelFn | None = None) -> torch.Tensor:
+    """Like :func:`predict_scores_fast` but returns uint8 labels (X, Y, Z): argmax on the device, no scores."""
+    from vocoslicer.infer.oom import device_job, run_with_oom_fallback
+
+    enable_fast_attention(model)
+    report = _progress_events(events, "sliding-window inference")
+
+    def fn(dev: torch.device, bs: int) -> torch.Tensor:
+        return sliding_window_labels(model.to(dev), x, roi, overlap=overlap, mode=mode, sw_batch_size=bs,
+                                     device=dev, channel_values=channel_values, progress=report, cancel=cancel)
+
+    with device_job(device):
+        labels, _, _ = run_with_oom_fallback(fn, device, sw_batch_size, events)
+    return labels
