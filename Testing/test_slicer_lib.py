@@ -301,3 +301,24 @@ def test_env_report_from_the_real_probe_and_advice():
     assert "CPU-only build" in advice and "monai" in advice
     assert "too old" in " ".join(deps.EnvReport(torch="2.1.0").advice())
     assert "PyTorch is missing" in deps.EnvReport().advice()[0]
+
+
+RELOAD_CHECK = """
+import VoCoSlicerLib
+from VoCoSlicerLib import job_driver, mrml_io, state
+before = state.JobStateMachine
+order = VoCoSlicerLib.reload_package()
+assert order.index("VoCoSlicerLib.state") < order.index("VoCoSlicerLib.job_driver"), order
+assert "VoCoSlicerLib.mrml_io" in order
+assert state.JobStateMachine is not before  # really re-executed
+assert job_driver.JobStateMachine is state.JobStateMachine  # dependants see the fresh classes
+print("ok")
+"""
+
+
+def test_reload_package_reloads_every_loaded_submodule_leaves_first():
+    # in a child interpreter: reloading inside the test session would swap classes under other tests
+    lib_root = os.path.dirname(os.path.dirname(engine.__file__))  # the folder holding VoCoSlicerLib
+    out = subprocess.run([sys.executable, "-c", RELOAD_CHECK], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": lib_root})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
