@@ -190,3 +190,9 @@ def test_classification_becomes_table_and_attribute(slicer_core):
     assert mrml_io.class_probabilities(listed) == [("b", 0.6), ("a", 0.4)]
     with pytest.raises(ValueError):
         mrml_io.class_probabilities({"classes": []})
+
+
+def test_present_values_fast_path_and_fallback():
+    assert mrml_io.present_values(np.array([[0, 3], [3, 70000]], np.int32)) == {0, 3, 70000}  # beyond 16 bits
+    assert mrml_io.present_values(np.array([0, 2, 2, 9], np.uint16)) == {0, 2, 9}
+    assert mrml_io.present_values(np.array([-1, 0, 1], np.int16)) == {-1, 0, 1}
