@@ -208,10 +208,14 @@ def test_models_cli_import_list_remove(home: Path, checkpoints: dict[str, bytes]
     assert (bundle_dir / "labels.csv").is_file() and (bundle_dir / "weights.safetensors").is_file()
     # a bundle folder imports offline under a new version
     assert main(["models", "import", str(bundle_dir), "--version", "2.0.0"]) == 0
+    import shutil
+
+    zipped = shutil.make_archive(str(tmp_path / "bundle"), "zip", bundle_dir)
+    assert main(["models", "import", zipped, "--version", "3.0.0"]) == 0
     capsys.readouterr()
     assert main(["models", "list", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
-    assert {("local-omni", "1.0.0"), ("local-omni", "2.0.0")} <= {(b["id"], b["version"])
+    assert {("local-omni", "1.0.0"), ("local-omni", "2.0.0"), ("local-omni", "3.0.0")} <= {(b["id"], b["version"])
                                                                    for b in listing["installed"]}
     assert any(e["id"] == "tiny-omni" and not e["installed"] for e in listing["catalog"])
     assert main(["models", "remove", "local-omni@1.0.0"]) == 0
