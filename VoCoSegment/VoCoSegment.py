@@ -104,6 +104,11 @@ class VoCoSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
         self.ui.segmentEditorWidget.setSegmentationNodeSelectorVisible(False)
         self.ui.segmentEditorWidget.setSourceVolumeNodeSelectorVisible(False)
+        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
+                                                   self.ui.segmentEditorWidget.setSegmentationNode)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)",
+                                            self.ui.segmentEditorWidget.setSourceVolumeNode)
+        self.ui.cohortDirPathLineEdit.connect("currentPathChanged(QString)", self.onCohortFolderChanged)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -293,6 +298,17 @@ class VoCoSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                         self._cohortParams(), slicer.util.tempDirectory())
             commands.append(self._cohortParams().list_args())
             self.cohortDriver.start(commands, run_dir=slicer.util.tempDirectory(), python=self._python())
+            self._startTimer()
+
+    def onCohortFolderChanged(self, path):
+        if self.cohortDriver.busy:
+            return
+        params = CohortParams(cohortDir="" if path in ("", ".") else path)  # the parameter node may lag behind
+        if not cohort_view.is_cohort(params.cohortDir):
+            self.ui.cohortCountsLabel.text = _("New cohort: created on the first add.") if params.cohortDir else ""
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to read the cohort.")):
+            self.cohortDriver.start([params.list_args()], run_dir=slicer.util.tempDirectory(), python=self._python())
             self._startTimer()
 
     def _onCohortFinished(self, driver):
