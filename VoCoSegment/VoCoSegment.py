@@ -144,6 +144,7 @@ class VoCoSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
+        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())  # was cleared too
         if self.parent.isEntered:
             self.initializeParameterNode()
 
