@@ -61,10 +61,12 @@ def test_done_event_after_the_job_ended_is_ignored():
 def test_segment_and_classify_args():
     p = params.SegmentParams(model="demo@1.0.0", device="cpu", fast=True)
     assert p.segment_args("/t/in.nrrd", "/t/out.nii.gz") == [
-        "segment", "/t/in.nrrd", "-o", "/t/out.nii.gz", "--model", "demo@1.0.0", "--device", "cpu", "--fast"]
-    assert params.SegmentParams().segment_args("a", "b") == ["segment", "a", "-o", "b", "--device", "auto"]
+        "segment", "/t/in.nrrd", "-o", "/t/out.nii.gz", "--model", "demo@1.0.0", "--device", "cpu", "--fast",
+        "--events", "stdout"]
+    assert params.SegmentParams().segment_args("a", "b") == ["segment", "a", "-o", "b", "--device", "auto", "--events",
+                                                             "stdout"]
     assert params.SegmentParams(model="m").classify_args("a", "r.json") == [
-        "classify", "a", "-o", "r.json", "--model", "m", "--device", "auto"]
+        "classify", "a", "-o", "r.json", "--model", "m", "--device", "auto", "--events", "stdout"]
     with pytest.raises(ValueError, match="device"):
         params.SegmentParams(device="gpu").segment_args("a", "b")
     with pytest.raises(ValueError, match="classification model"):
@@ -76,6 +78,12 @@ def test_segment_and_finetune_args_are_accepted_by_the_engine_parser():
 
     ns = build_parser().parse_args(params.SegmentParams(device="cpu", fast=True).segment_args("in.nrrd", "o.nii.gz"))
     assert ns.command == "segment" and ns.fast and ns.device == "cpu" and ns.output == "o.nii.gz"
+    assert ns.events == "stdout"
+    ns = build_parser().parse_args(params.SegmentParams(model="c").classify_args("in.nrrd", "o.json"))
+    assert (ns.command, ns.model, ns.output, ns.events) == ("classify", "c", "o.json", "stdout")
+    row = models_view.ModelRow("voco-b-ssl", "1.0.0")
+    ns = build_parser().parse_args(models_view.download_args(row))
+    assert (ns.id, ns.events) == ("voco-b-ssl@1.0.0", "stdout")
     f = params.FinetuneParams(baseModel="demo", cohortDir="/c", steps=7, semiSupervised=False)
     ns = build_parser().parse_args(f.args("/runs/ft", resume=True))
     assert (ns.cohort, ns.init, ns.out, ns.steps, ns.semi, ns.resume) == ("/c", "demo", "/runs/ft", 7, False, True)
@@ -190,7 +198,7 @@ def test_catalog_rows_and_selectors():
     assert models_view.find(rows, "demo-abdomen").version == "1.0.10"
     assert models_view.find(rows, "/m/demo/1.0.0").version == "1.0.0"
     assert models_view.find(rows, "nope") is None
-    assert models_view.download_args(voco) == ["models", "download", "voco-b@2.0"]
+    assert models_view.download_args(voco) == ["models", "download", "voco-b@2.0", "--events", "stdout"]
     assert models_view.parse_catalog(json.dumps(CATALOG["models"][:1]))[0].spec == "/m/demo/1.0.0"
     assert models_view.format_size(999) == "999 B" and models_view.format_size(None) == ""
 

@@ -62,6 +62,7 @@ class VoCoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._rows = []
+        self._listing = False
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -168,13 +169,16 @@ class VoCoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ models
     def onRefreshModels(self):
         with slicer.util.tryWithErrorDisplay(_("Failed to list models.")):
-            self._startModelsJob([models_view.list_args()])
+            self._startModelsJob(models_view.list_args())
 
-    def _startModelsJob(self, commands):
+    def _startModelsJob(self, args):
+        """One model command; a listing keeps a run folder (its JSON is read back), others report events on
+        stdout (download progress) and are followed by a fresh listing."""
         if self.modelsDriver.busy:
             raise RuntimeError(_("Another model operation is running."))
-        self.modelsDriver.start([*commands, models_view.list_args()] if commands[-1] != models_view.list_args()
-                                else commands, run_dir=slicer.util.tempDirectory(), python=self._python())
+        self._listing = args == models_view.list_args()
+        self.modelsDriver.start([args], run_dir=slicer.util.tempDirectory() if self._listing else None,
+                                python=self._python())
         self._timer.start()
         self._updateGUI()
 
@@ -186,7 +190,7 @@ class VoCoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDownloadModel(self):
         with slicer.util.tryWithErrorDisplay(_("Failed to download the model.")):
-            self._startModelsJob([models_view.download_args(self._selectedRow())])
+            self._startModelsJob(models_view.download_args(self._selectedRow()))
 
     def onImportModel(self):
         with slicer.util.tryWithErrorDisplay(_("Failed to import the model.")):
@@ -195,7 +199,7 @@ class VoCoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 _("Model bundles and checkpoints (*.zip *.pt *.pth *.safetensors model.json)"))
             if path:
                 p = pathlib.Path(path)
-                self._startModelsJob([models_view.import_args(str(p.parent if p.name == "model.json" else p))])
+                self._startModelsJob(models_view.import_args(str(p.parent if p.name == "model.json" else p)))
 
     def onRemoveModel(self):
         with slicer.util.tryWithErrorDisplay(_("Failed to remove the model.")):
@@ -204,7 +208,7 @@ class VoCoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 raise ValueError(_("This model is not installed."))
             if slicer.util.confirmOkCancelDisplay(_("Delete {model} from this computer?").format(
                     model=f"{row.id} {row.version}")):
-                self._startModelsJob([models_view.remove_args(row)])
+                self._startModelsJob(models_view.remove_args(row))
 
     def onOpenCache(self):
         folder = models_view.models_dir()
@@ -214,6 +218,9 @@ class VoCoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onModelsJob(self, driver):
         if driver.state.state is not JobState.DONE:
             self.ui.modelsStatusLabel.text = driver.state.message or driver.state.state.value
+            return
+        if not self._listing:
+            qt.QTimer.singleShot(0, self.onRefreshModels)  # after this job's bookkeeping is over
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to read the model list.")):
             self._rows = models_view.parse_catalog(driver.json_output())

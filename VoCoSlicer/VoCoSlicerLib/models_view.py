@@ -130,8 +130,8 @@ def list_args() -> list[str]:
 
 
 def download_args(row: ModelRow) -> list[str]:
-    """``models download ID@VERSION`` (verifies the sha256 and installs into the user's model folder)."""
-    return ["models", "download", f"{row.id}@{row.version}" if row.version else row.id]
+    """``models download ID@VERSION --events stdout`` (verifies the sha256, installs into the model folder)."""
+    return ["models", "download", f"{row.id}@{row.version}" if row.version else row.id, "--events", "stdout"]
 
 
 def import_args(path: str) -> list[str]:

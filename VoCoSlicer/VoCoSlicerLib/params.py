@@ -14,6 +14,9 @@ from typing import Any
 
 DEVICES = ("auto", "cuda", "cpu")
 PRETRAIN_METHODS = ("voco", "tokenizer", "mim")
+# segment, classify and models download report progress/artifacts through their own event option, not through
+# the job's (--run-dir/--events): run them without a run directory and pass it, so the GUI sees their events
+COMMAND_EVENTS = ("--events", "stdout")
 DEMO_MODEL_ID = "vocoslicer-demo-phantom"  # the engine's bundled model (vocoslicer.models.registry.DEMO_MODEL_ID)
 # sizes each method's engine command accepts (VoCo SwinUNETR B/L/H; PUMIT tokenizer presets; PUMIT ViT)
 PRETRAIN_SIZES = {"voco": ("B", "L", "H"), "tokenizer": ("paper", "small", "tiny"), "mim": ("tiny", "S", "B", "L")}
@@ -41,7 +44,7 @@ class SegmentParams:
     show3D: bool = False  # noqa: N815
 
     def segment_args(self, input_path: str, output_path: str) -> list[str]:
-        """``segment IN -o OUT [--model M] [--device D] [--fast]``."""
+        """``segment IN -o OUT [--model M] [--device D] [--fast] --events stdout``."""
         _check_choice("device", self.device, DEVICES)
         args = ["segment", str(input_path), "-o", str(output_path)]
         if self.model:
@@ -49,14 +52,15 @@ class SegmentParams:
         args += ["--device", self.device]
         if self.fast:
             args.append("--fast")
-        return args
+        return [*args, *COMMAND_EVENTS]
 
     def classify_args(self, input_path: str, output_json: str) -> list[str]:
-        """``classify IN -o OUT.json [--model M] [--device D]``."""
+        """``classify IN -o OUT.json --model M --device D --events stdout``."""
         _check_choice("device", self.device, DEVICES)
         if not self.model:
             raise ValueError("choose a classification model (the bundled demo model segments, it does not classify)")
-        return ["classify", str(input_path), "-o", str(output_json), "--model", self.model, "--device", self.device]
+        return ["classify", str(input_path), "-o", str(output_json), "--model", self.model, "--device", self.device,
+                *COMMAND_EVENTS]
 
 
 @dataclass
