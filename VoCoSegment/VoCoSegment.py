@@ -242,6 +242,7 @@ class VoCoSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _loadClassification(self):
         table = segment_flow.load_classify_result(slicer.mrmlScene, self._task, self._parameterNode.inputVolume)
+        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
         slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
         slicer.app.applicationLogic().PropagateTableSelection()
 
