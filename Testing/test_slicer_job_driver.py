@@ -98,3 +98,25 @@ def test_warm_worker_request_and_fallback_to_a_one_shot_job():
         _run(d)
         assert d.state.state is JobState.DONE and "warm worker unavailable" in d.log_text()
         assert d.metrics.last("train/value") == 2.0
+
+
+@pytest.mark.slow
+def test_pretrain_run_from_panel_settings_reports_curves_and_reattaches(tmp_path):
+    """VoCoPretrain's path: PretrainParams -> detached run with a run folder -> live metrics -> reattach."""
+    from VoCoSlicerLib.params import PretrainParams
+
+    d = JobDriver("Launch")
+    d.start([["phantom", "--seed", "11", "--count", "2", "--size", "48", "48", "24", "-o", str(tmp_path / "data")]],
+            env=ENV, python=sys.executable)
+    _run(d)
+    images = [str(p) for p in sorted((tmp_path / "data").glob("*_ct.nii.gz"))]  # not the truth label maps
+    params = PretrainParams(method="tokenizer", dataDirs=images, modelSize="tiny", steps=2,
+                            batchSize=1, cropSize=32, outputDir=str(tmp_path / "run"))
+    d.start([params.args()], run_dir=tmp_path / "run", detached=True, env=ENV, python=sys.executable)
+    _run(d, timeout=240)
+    assert d.state.state is JobState.DONE, d.state.message
+    assert d.metrics.names() and d.artifact("model")["architecture"] == "pumit_tokenizer"
+    later = JobDriver("Launch")
+    later.attach(tmp_path / "run")
+    _run(later)
+    assert later.state.state is JobState.DONE and later.metrics.names() == d.metrics.names()

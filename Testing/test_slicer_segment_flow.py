@@ -122,7 +122,7 @@ def test_real_segment_command_on_a_phantom(slicer_core, tmp_path):
     if probe.returncode != 0:
         pytest.skip(f"no default model bundled yet: {probe.stderr.strip().splitlines()[-1:]}")
     _engine("phantom", "--seed", "3", "--size", "48", "48", "24", "-o", str(tmp_path / "ph"), "--format", ".nrrd")
-    image = sorted((tmp_path / "ph").glob("*image*.nrrd"))[0]
+    image = sorted((tmp_path / "ph").glob("*_ct.nrrd"))[0]
     vol = slicer_core.volumes.AddArchetypeVolume(str(image), "phantom")
     task = segment_flow.prepare_segment(vol, SegmentParams(device="cpu", fast=True), tmp_path / "job")
     _engine(*task.args)

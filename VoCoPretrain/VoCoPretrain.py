@@ -274,7 +274,8 @@ class VoCoPretrainTest(ScriptedLoadableModuleTest):
         driver = JobDriver("test")
         driver.start([["phantom", "--seed", "11", "--count", "2", "--size", "48", "48", "24", "-o", str(tmp / "data")]])
         self._wait(driver)
-        params = PretrainParams(method="tokenizer", dataDirs=[str(tmp / "data")], modelSize="tiny", steps=4,
+        images = [str(p) for p in sorted((tmp / "data").glob("*_ct.nii.gz"))]  # not the truth label maps
+        params = PretrainParams(method="tokenizer", dataDirs=images, modelSize="tiny", steps=4,
                                 batchSize=1, cropSize=32, outputDir=str(tmp / "run"))
         driver.start([params.args()], run_dir=tmp / "job", detached=True)
         self._wait(driver)

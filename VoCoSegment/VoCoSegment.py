@@ -450,7 +450,7 @@ class VoCoSegmentTest(ScriptedLoadableModuleTest):
         driver.start([["phantom", "--seed", "7", "--size", "64", "64", "32", "-o", str(tmp / "ph"),
                        "--format", ".nrrd"]])
         self._run(driver)
-        image = sorted((tmp / "ph").glob("*image*.nrrd"))[0]
+        image = sorted((tmp / "ph").glob("*_ct.nrrd"))[0]
         volume = slicer.util.loadVolume(str(image))
         task = segment_flow.prepare_segment(volume, SegmentParams(device="cpu", fast=True), tmp / "job")
         driver.start([task.args])
