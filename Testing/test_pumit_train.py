@@ -133,6 +133,10 @@ def test_cli_tokenizer_then_mim(tmp_path, items):
     assert main(["pretrain", "mim", "--tokenizer", str(tmp_path / "tok"), *common, "--out", str(tmp_path / "mim"),
                  "--size", "tiny"]) == 0
     assert (tmp_path / "mim" / "backbone" / "model.json").is_file()
+    assert main(["pretrain", "mim", "--tokenizer", str(tmp_path / "tok" / "tokenizer"), *common, "--out",
+                 str(tmp_path / "mim2"), "--size", "tiny", "--init", str(tmp_path / "mim" / "backbone")]) == 0
+    assert main(["pretrain", "mim", "--tokenizer", str(tmp_path / "tok"), *common, "--out", str(tmp_path / "z"),
+                 "--size", "tiny", "--init", str(tmp_path / "tok" / "tokenizer_config.json")]) == 2
     assert main(["pretrain", "mim", "--tokenizer", str(tmp_path / "nope"), *common, "--out", str(tmp_path / "x")]) == 2
     assert main(["pretrain", "tokenizer", *common, "--out", str(tmp_path / "y"), "--crop", "30,32"]) == 2
     from vocoslicer.commands._pretrain_tokenizer import parse_crop

@@ -104,3 +104,47 @@ def test_backbone_conversion_and_adapters():
     assert cls(torch.randn(2, 3, 32, 32, 32)).shape == (2, 5)
     assert torch.allclose(cls.vit.pos_embed, adapt_vit_state_dict(sd, cls.vit)["pos_embed"])
     assert torch.equal(cls.vit.cls_token.detach(), sd["cls_token"])
+
+
+def test_eva02_2d_checkpoint_initialises_the_3d_vit():
+    """EVA-02 layout (4-D 14x14 patch kernel, (1, 1 + g², C) pos-embed, lm_head): converted per spec §7.2."""
+    from vocoslicer.models.pumit.mim import PumitMIM
+
+    torch.manual_seed(0)
+    mim = PumitMIM(PumitViT(vit_config("tiny", pos_embed_shape=(2, 4, 4))), codebook_size=24)
+    eva = {k: v.clone() for k, v in mim.vit.state_dict().items()}
+    eva["patch_embed.proj.weight"] = torch.randn(32, 3, 14, 14)
+    eva["pos_embed"] = torch.randn(1, 1 + 4 * 4, 32)
+    eva["mask_token"] = torch.randn(1, 1, 32)
+    eva["lm_head.weight"] = torch.randn(8192, 32)
+    eva["rope.freqs_cos"] = torch.randn(16, 16)
+    assert mim.load_pretrained(eva) == []
+    w = mim.vit.patch_embed.proj.weight.detach()
+    resized = torch.nn.functional.interpolate(eva["patch_embed.proj.weight"], size=(16, 16), mode="bicubic")
+    assert w.shape == (32, 3, 16, 16, 16) and torch.allclose(w.sum(2), resized, atol=1e-5)
+    pos = mim.vit.pos_embed.detach()
+    assert torch.allclose(pos[:, :, 0], pos[:, :, 1])  # the 2D grid repeated over depth
+    assert torch.allclose(pos[0, :, 0], eva["pos_embed"][0, 1:].T.reshape(32, 4, 4), atol=1e-5)
+    assert torch.allclose(mim.vit.cls_token.detach(), eva["cls_token"] + eva["pos_embed"][:, :1])
+    assert torch.equal(mim.mask_token.detach(), eva["mask_token"])
+    # a 2D image through the SAC patch embedding (DA 5: depth taps summed) = the resized EVA kernel in 2D
+    x = torch.randn(1, 3, 1, 32, 32)
+    got = mim.vit.patch_embed(x, 5)[:, :, 0]
+    ref = torch.nn.functional.conv2d(x[:, :, 0], resized, mim.vit.patch_embed.proj.bias, stride=16)
+    assert torch.allclose(got, ref, atol=1e-4)
+
+
+def test_official_tokenizer_keys_convert():
+    from vocoslicer.models.pumit.tokenizer import PumitTokenizer, TokenizerConfig, convert_official_tokenizer
+
+    tok = PumitTokenizer(TokenizerConfig(channels=(4, 8, 8), codebook_size=8, embed_dim=8, groups=2))
+    official = {}
+    for k, v in tok.state_dict().items():
+        parts = k.split(".")
+        if parts[0] == "encoder" and parts[1] in ("1", "4", "7"):  # official LayerNormNd wraps nn.LayerNorm as .1
+            k = f"encoder.{parts[1]}.1.{parts[2]}"
+        official[k] = v
+    assert "encoder.1.1.weight" in official
+    fresh = PumitTokenizer(TokenizerConfig(channels=(4, 8, 8), codebook_size=8, embed_dim=8, groups=2))
+    fresh.load_state_dict(convert_official_tokenizer({"model": official, "step": torch.tensor(3)}))
+    assert torch.equal(fresh.quantize.embedding.weight, tok.quantize.embedding.weight)

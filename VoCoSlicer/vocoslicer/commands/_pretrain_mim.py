@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="first block that sees mask tokens (default: 0 for B, 18 for L as in the paper)")
     p.add_argument("--grad-clip", type=float, default=0.5)
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of the ViT blocks")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start from ViT weights: EVA-02 checkpoint (the paper starts from eva02_B_pt_in21k_p14.pt), "
+                        "a PUMIT MIM checkpoint or a backbone bundle")
     p.set_defaults(func=run)
 
 
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     items = load_items(args, events)
     result = train_mim(items, run_dir, tokenizer, cfg, args.size, args.batch, tz, txy, args.mask_ratio,
                        args.mask_layer_start, args.resume, events, args.workers, should_stop,
-                       vit_overrides={"grad_ckpt": True} if args.grad_ckpt else None)
+                       vit_overrides={"grad_ckpt": True} if args.grad_ckpt else None, init=args.init)
     if result.get("bundle"):
         print(f"ViT backbone bundle: {result['bundle']} (step {result['step']})", file=sys.stderr)
     return 0

@@ -260,17 +260,48 @@ def mim_step_fn(tokenizer: PumitTokenizer, mask_ratio: float = P.MASK_RATIO):  #
     return step
 
 
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights of an EVA-02 (``module``), Lightning (``state_dict``), Fabric (``model``) checkpoint or bundle."""
+    p = Path(path)
+    if (p / "model.json").is_file():
+        return ModelBundle.load(p).state_dict()
+    if p.suffix == ".safetensors":
+        return load_state_dict_file(p)
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any decoding problem is a bad file for the user
+        raise UserError(f"{p}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") \
+            from None
+    for key in ("module", "state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{p}: not a checkpoint of tensors")
+    return obj
+
+
 def train_mim(items: list[VolumeItem], run_dir: Path, tokenizer: PumitTokenizer, cfg: TrainConfig, size: str = "B",
               batch_size: int = 14, tokens_z: int = 5, tokens_xy: int = 10, mask_ratio: float = P.MASK_RATIO,
               mask_layer_start: int | None = None, resume: bool = False, events: EventSink | None = None,
-              workers: int = 0, should_stop: Any = None, vit_overrides: dict | None = None) -> dict[str, Any]:
-    """MIM pretraining of a ViT; exports the backbone bundle (run_dir/backbone) on completion."""
+              workers: int = 0, should_stop: Any = None, vit_overrides: dict | None = None,
+              init: str | Path | None = None) -> dict[str, Any]:
+    """MIM pretraining of a ViT (optionally initialised from ``init``: EVA-02 or PUMIT weights); exports the
+    backbone bundle (run_dir/backbone) on completion."""
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
     vcfg = vit_config(size, in_channels=tokenizer.cfg.in_channels, patch_size=tokenizer.stride,
                       pos_embed_shape=(tokens_z, tokens_xy, tokens_xy), **(vit_overrides or {}))
     start = (18 if size == "L" else 0) if mask_layer_start is None else mask_layer_start
     model = PumitMIM(PumitViT(vcfg), tokenizer.cfg.codebook_size, start)
+    if init is not None and not resume:
+        try:
+            missing = model.load_pretrained(read_state_dict(init))
+        except ValueError as exc:
+            raise UserError(f"{init}: does not fit a ViT-{size} ({exc})") from None
+        if len(missing) == len(model.vit.state_dict()):
+            raise UserError(f"{init}: no ViT weights found (is it a ViT-{size} checkpoint?)")
+        _job_events(events).log(f"initialised from {init}; {len(missing)} ViT tensors kept their initialisation")
     tokenizer.requires_grad_(False).eval()
     loader, sampler = make_loader(items, batch_size, tokens_z, tokens_xy, tokenizer.stride, cfg.seed,
                                   tokenizer.cfg.in_channels, workers)

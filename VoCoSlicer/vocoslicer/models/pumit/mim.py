@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vocoslicer.models.pumit.vit import PumitViT, dense_grad
+from vocoslicer.models.pumit.vit import PumitViT, adapt_vit_state_dict, dense_grad
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -71,3 +71,18 @@ class PumitMIM(nn.Module):
                 h = vit.run_block(i, h, cos, sin)
         h = vit.norm(h[:, 1:])
         return self.mim_head(h[mask])
+
+    def load_pretrained(self, sd: dict[str, torch.Tensor]) -> list[str]:
+        """Initialise from an EVA-02 / PUMIT MIM / PUMIT backbone state dict (official MIM starts from EVA-02).
+
+        ViT weights are converted by :func:`adapt_vit_state_dict`; ``mask_token`` and ``mim_head`` are taken when
+        their shapes fit (EVA's ``lm_head`` never does). Returns the ViT keys that stayed at their initialisation.
+        """
+        vit_sd = {k.removeprefix("vit."): v for k, v in sd.items()
+                  if not k.startswith(("mask_token", "mim_head.", "lm_head."))}
+        result = self.vit.load_state_dict(adapt_vit_state_dict(vit_sd, self.vit), strict=False)
+        own = self.state_dict()
+        extra = {k: v for k, v in sd.items() if k.startswith(("mask_token", "mim_head.")) and k in own
+                 and tuple(v.shape) == tuple(own[k].shape)}
+        self.load_state_dict(extra, strict=False)
+        return list(result.missing_keys)

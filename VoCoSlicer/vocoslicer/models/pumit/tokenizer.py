@@ -7,6 +7,7 @@ with a linear 3-channel output in [-1, 1] space. All convs are SAC, so one set o
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -108,3 +109,18 @@ class PumitTokenizer(nn.Module):
         out = self.tokenize(x, aniso_d)
         out["x_rec"] = self.decode(out["z_q"], aniso_d, int(out["nd"]))
         return out
+
+
+def convert_official_tokenizer(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official PUMIT tokenizer checkpoint -> our keys (spec §7.2).
+
+    Accepts the Fabric payload (``{'model': ...}``) or a bare state dict. The only naming difference is the
+    official ``LayerNormNd`` wrapper (``encoder.{1,4,7}.1.*`` -> ``encoder.{1,4,7}.*``).
+    """
+    if isinstance(sd.get("model"), dict):
+        sd = sd["model"]
+    out = {}
+    for key, value in sd.items():
+        m = re.fullmatch(r"encoder\.(\d+)\.1\.(weight|bias)", key)
+        out[f"encoder.{m.group(1)}.{m.group(2)}" if m else key] = value
+    return out

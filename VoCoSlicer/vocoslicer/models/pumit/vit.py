@@ -7,6 +7,7 @@ memory-efficient kernels on GPU; the official code used xformers).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -16,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vocoslicer.models.pumit.rope import Rope3D
-from vocoslicer.models.pumit.sac import SacConv3d, adapt_in_channels, reduce_depth_taps, resample
+from vocoslicer.models.pumit.sac import SacConv3d, adapt_in_channels, inflate_2d_kernel, reduce_depth_taps, resample
 
 
 @dataclass
@@ -222,25 +223,41 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def adapt_vit_state_dict(sd: dict[str, torch.Tensor], model: PumitViT) -> dict[str, torch.Tensor]:
-    """Convert a PUMIT ViT state dict to ``model``'s geometry (spec §7.2).
+    """Convert a PUMIT or EVA-02 ViT state dict to ``model``'s geometry (spec §7.2).
 
-    Drops RoPE tables, sums the 16-deep SAC patch kernel down to a fixed patch depth, adapts input channels
-    (Σ_c w / C_new), and resamples the pos-embed grid. Keys not in the model are dropped.
+    PUMIT: drops RoPE tables, sums the 16-deep SAC patch kernel down to a fixed patch depth, adapts input channels
+    (Σ_c w / C_new), resamples the pos-embed grid. EVA-02 (2D): the 14×14 patch kernel is resized bicubically and
+    spread evenly over the patch depth, the (1, 1 + g², C) pos-embed becomes a g×g grid repeated over depth and
+    resampled, and its [CLS] slot is added to ``cls_token``. Keys not in the model are dropped.
     """
     target = model.state_dict()
     out: dict[str, torch.Tensor] = {}
+    cls_pos = None
     for key, value in sd.items():
         key = key.removeprefix("module.").removeprefix("model.").removeprefix("backbone.")
         if key not in target or "rope" in key:
             continue
         want = target[key]
+        value = value.float()
         if key == "patch_embed.proj.weight":
+            if value.dim() == 4:  # EVA-02 2D kernel
+                value = F.interpolate(value, size=tuple(want.shape[3:]), mode="bicubic", align_corners=False)
+                value = inflate_2d_kernel(value, want.shape[2])
             if value.shape[2] != want.shape[2]:
                 value = reduce_depth_taps(value, want.shape[2])
             value = adapt_in_channels(value, want.shape[1])
+        elif key == "pos_embed" and value.dim() == 3:  # EVA-02 (1, 1 + g*g, C)
+            g = math.isqrt(value.shape[1] - 1)
+            if g * g != value.shape[1] - 1:
+                raise ValueError(f"pos_embed: {value.shape[1] - 1} patch positions are not a square grid")
+            cls_pos = value[:, :1]
+            grid = value[:, 1:].transpose(1, 2).reshape(1, -1, 1, g, g)
+            value = resample(grid, tuple(want.shape[2:]))
         elif key == "pos_embed" and value.shape != want.shape:
-            value = resample(value.float(), tuple(want.shape[2:]))
+            value = resample(value, tuple(want.shape[2:]))
         if value.shape != want.shape:
             raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} does not fit {tuple(want.shape)}")
         out[key] = value.to(want.dtype)
+    if cls_pos is not None and "cls_token" in out:
+        out["cls_token"] = out["cls_token"] + cls_pos.to(out["cls_token"].dtype)
     return out
