@@ -112,7 +112,8 @@ def test_pretrain_run_from_panel_settings_reports_curves_and_reattaches(tmp_path
     images = [str(p) for p in sorted((tmp_path / "data").glob("*_ct.nii.gz"))]  # not the truth label maps
     params = PretrainParams(method="tokenizer", dataDirs=images, modelSize="tiny", steps=2,
                             batchSize=1, cropSize=32, outputDir=str(tmp_path / "run"))
-    d.start([params.args()], run_dir=tmp_path / "run", detached=True, env=ENV, python=sys.executable)
+    home = {**ENV, "VOCOSLICER_HOME": str(tmp_path / "home")}  # preprocessing cache stays in the test folder
+    d.start([params.args()], run_dir=tmp_path / "run", detached=True, env=home, python=sys.executable)
     _run(d, timeout=240)
     assert d.state.state is JobState.DONE, d.state.message
     assert d.metrics.names() and d.artifact("model")["architecture"] == "pumit_tokenizer"

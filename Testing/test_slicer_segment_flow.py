@@ -115,6 +115,57 @@ def test_classify_result_to_table(slicer_core, tmp_path):
 
 
 @pytest.mark.slow
+def test_segment_correct_cohort_finetune_loop_with_the_demo_model(slicer_core, tmp_path):
+    """The VoCoSegment loop with real engine jobs driven like the panel: segment (events + artifact) -> correct
+    -> cohort -> finetune 2 steps -> a new model version is listed."""
+    from VoCoSlicerLib import models_view
+    from VoCoSlicerLib.job_driver import JobDriver
+    from VoCoSlicerLib.params import FinetuneParams
+    from VoCoSlicerLib.state import JobState
+
+    probe = subprocess.run([sys.executable, "-c", "from vocoslicer.models.registry import resolve; resolve(None)"],
+                           capture_output=True, text=True, env=ENV, timeout=120)
+    if probe.returncode != 0:
+        pytest.skip(f"no default model bundled yet: {probe.stderr.strip().splitlines()[-1:]}")
+
+    home = {"OMP_NUM_THREADS": "1", "VOCOSLICER_HOME": str(tmp_path / "home")}  # the new model goes here
+
+    def run(driver, commands, **kw):
+        import time
+
+        driver.start(commands, python=sys.executable, env=home, **kw)
+        deadline = time.monotonic() + 600
+        while driver.busy and time.monotonic() < deadline:
+            driver.tick()
+            time.sleep(0.1)
+        assert driver.state.state is JobState.DONE, driver.state.message
+
+    d = JobDriver("Segment")
+    run(d, [["phantom", "--seed", "21", "--count", "2", "--size", "64", "64", "32", "-o", str(tmp_path / "ph"),
+             "--format", ".nrrd"]])
+    cohort = CohortParams(str(tmp_path / "cohort"), "loop-test")
+    for i, image in enumerate(sorted((tmp_path / "ph").glob("*_ct.nrrd"))):
+        vol = slicer_core.volumes.AddArchetypeVolume(str(image), f"loop{i}")
+        task = segment_flow.prepare_segment(vol, SegmentParams(device="cpu", fast=True), tmp_path / f"job{i}")
+        run(d, [task.args])
+        art = d.artifact("segmentation")
+        assert art and art["model"] and d.state.fraction == 1.0  # the command's own events reached the driver
+        seg = segment_flow.load_segment_result(slicer_core.scene, task, vol, artifact=art)
+        sid = seg.GetSegmentation().GetNthSegmentID(0)
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, vol)
+        mask[:2] = 1  # a correction
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask, seg, sid, vol)
+        run(d, segment_flow.prepare_cohort_case(slicer_core.scene, vol, seg, cohort, tmp_path / f"case{i}"))
+    ft = FinetuneParams(baseModel=DEMO_MODEL_ID, cohortDir=cohort.cohortDir, steps=2, batchSize=1, device="cpu")
+    run(d, [ft.args(str(tmp_path / "ft"))], run_dir=tmp_path / "ft")
+    model = d.artifact("model")
+    assert model and model["id"]
+    run(d, [models_view.list_args()], run_dir=tmp_path / "list")
+    rows = models_view.parse_catalog(d.json_output())
+    assert any(r.id == model["id"] and r.version == model["version"] and r.installed for r in rows)
+
+
+@pytest.mark.slow
 def test_real_segment_command_on_a_phantom(slicer_core, tmp_path):
     """The engine's own segment command with its default (demo) model, on a phantom it generates."""
     probe = subprocess.run([sys.executable, "-c", "from vocoslicer.models.registry import resolve; resolve(None)"],
