@@ -19,7 +19,7 @@ from vocoslicer.data.phantom import generate_phantom, write_phantom
 from vocoslicer.errors import Cancelled
 from vocoslicer.models.bundle import ModelBundle
 from vocoslicer.models.factory import build_model
-from vocoslicer.models.pumit import load_backbone
+from vocoslicer.models.pumit import backbone_vit_args, load_backbone
 from vocoslicer.models.pumit.tokenizer import PumitTokenizer, TokenizerConfig
 from vocoslicer.train.loop import TrainConfig
 from vocoslicer.train.pretrain_pumit import TokenizerRecipe, load_tokenizer, train_mim, train_tokenizer
@@ -109,8 +109,9 @@ def test_mim_reduces_loss_and_exports_usable_backbone(items, tmp_path):
     vit = bundle.build_model()
     assert vit(torch.rand(1, 3, 8, 32, 32), aniso_d=2).shape == (1, 9, 32)
     sd = bundle.state_dict()
-    cls = build_model("pumit_vit_cls", {"out_channels": 4, "size": "tiny", "patch_depth": 16,
-                                        "pos_embed_shape": [2, 2, 2]})
+    cls = build_model("pumit_vit_cls", {"out_channels": 4, "size": "B", "patch_depth": 16, "pos_embed_shape": [2, 2, 2],
+                                        "vit_args": backbone_vit_args(bundle.architecture[1])})
+    assert cls.vit.embed_dim == 32 and len(cls.vit.blocks) == 2  # the backbone's width/depth, not ViT-B's
     assert load_backbone(cls, sd) == ([], [])
     assert cls(torch.rand(2, 3, 32, 32, 32)).shape == (2, 4)
     seg = build_model("pumit_vit_seg", {"out_channels": 3, "in_channels": 1, "size": "tiny", "patch_depth": 4,

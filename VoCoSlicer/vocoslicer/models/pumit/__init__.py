@@ -11,12 +11,12 @@ from typing import Any
 from torch import nn
 
 from vocoslicer.models.factory import register_architecture
-from vocoslicer.models.pumit.adapters import PumitViTClassifier, PumitViTSegmenter, load_backbone
+from vocoslicer.models.pumit.adapters import PumitViTClassifier, PumitViTSegmenter, backbone_vit_args, load_backbone
 from vocoslicer.models.pumit.tokenizer import PumitTokenizer, TokenizerConfig
 from vocoslicer.models.pumit.vit import PumitViT, ViTConfig, vit_config
 
 __all__ = ["PumitTokenizer", "PumitViT", "PumitViTClassifier", "PumitViTSegmenter", "TokenizerConfig", "ViTConfig",
-           "load_backbone", "vit_config"]
+           "backbone_vit_args", "load_backbone", "vit_config"]
 
 
 @register_architecture("pumit_vit")

@@ -28,6 +28,15 @@ def _backbone_config(size: str, in_channels: int, patch_depth: int, pos_embed_sh
                       **(vit_args or {}))
 
 
+BACKBONE_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "rope_bases", "eps")
+
+
+def backbone_vit_args(arch_args: dict) -> dict:
+    """``vit_args`` for the adapters from a ``pumit_vit`` backbone bundle's architecture args (model width/depth;
+    input channels, patch depth and pos-embed grid stay the downstream model's own choice)."""
+    return {k: arch_args[k] for k in BACKBONE_KEYS if k in arch_args}
+
+
 def load_backbone(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
     """Load pre-trained ViT weights (a PUMIT backbone bundle / MIM checkpoint) into ``model.vit``.
 
