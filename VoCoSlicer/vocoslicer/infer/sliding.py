@@ -205,13 +205,17 @@ def sliding_window_scores(model: torch.nn.Module, image: torch.Tensor, roi_size:
                           overlap: float = 0.5, mode: str = "gaussian", sw_batch_size: int = 4,
                           device: torch.device | str = "cpu", amp: str = "auto",
                           out_dtype: torch.dtype = torch.float16, sigma_scale: float = 0.125,
-                          progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> torch.Tensor:
-    """Blended class scores (C, X, Y, Z) on the CPU in ``out_dtype`` (what MONAI returns, at half the memory).
+                          progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+                          out_device: torch.device | str = "cpu") -> torch.Tensor:
+    """Blended class scores (C, X, Y, Z) in ``out_dtype`` on ``out_device`` (what MONAI returns, half the memory).
 
     Use this when the scores themselves are needed (resampling scores back to the input grid, probabilities);
-    :func:`sliding_window_labels` is cheaper when only labels are wanted.
+    :func:`sliding_window_labels` is cheaper when only labels are wanted. ``out_device=device`` keeps the scores
+    on the GPU for :func:`vocoslicer.infer.postprocess.scores_to_reference_torch`.
     """
     device = torch.device(device)
+    out_dev = torch.device(out_device)
+    pinned = device.type == "cuda" and out_dev.type == "cpu"
     roi = tuple(int(r) for r in roi_size)
     shape = image.shape[-3:]
     padded = [max(int(s), int(r)) for s, r in zip(shape, roi, strict=True)]
@@ -219,10 +223,9 @@ def sliding_window_scores(model: torch.nn.Module, image: torch.Tensor, roi_size:
 
     def finalize(acc: torch.Tensor, wsum: torch.Tensor | None, z0: int, z1: int) -> None:
         if "out" not in holder:
-            holder["out"] = torch.empty((acc.shape[0], *padded), dtype=out_dtype, device="cpu",
-                                        pin_memory=device.type == "cuda")
+            holder["out"] = torch.empty((acc.shape[0], *padded), dtype=out_dtype, device=out_dev, pin_memory=pinned)
         assert wsum is not None
-        holder["out"][..., z0:z1].copy_((acc / wsum).to(out_dtype), non_blocking=device.type == "cuda")
+        holder["out"][..., z0:z1].copy_((acc / wsum).to(out_dtype), non_blocking=pinned)
 
     _run(model, image, roi, overlap, mode, sw_batch_size, device, amp, sigma_scale, finalize, True, progress,
          cancel)
