@@ -258,3 +258,42 @@ def test_separable_and_general_resampling_agree() -> None:
     general = torch.cat([postprocess._grid_sample_block(scores, a, b, (33, 21), k, min(17, k + 5))
                          for k in range(0, 17, 5)], dim=1).argmax(0).numpy()
     assert (sitk.GetArrayFromImage(separable) == general).mean() > 0.999
+
+
+class Threshold(torch.nn.Module):
+    """Known answer: channel 1 wins where the normalised intensity exceeds 0.5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([-10.0, 10.0]).view(2, 1, 1, 1, 1))
+            self.conv.bias.copy_(torch.tensor([5.0, -5.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_segment_prepared_lands_on_the_input_grid(smooth: bool) -> None:
+    import SimpleITK as sitk
+
+    from vocoslicer.infer.preprocess import prepare
+    from vocoslicer.infer.sliding import segment_prepared
+
+    arr = np.zeros((30, 40, 50), np.int16)  # (z, y, x)
+    arr[8:20, 10:30, 12:40] = 100
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.8, 1.1, 2.5))
+    img.SetOrigin((12.0, -30.0, 55.0))
+    img.SetDirection((-1, 0, 0, 0, 0, 1, 0, -1, 0))
+    pre = prepare(img, {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0],
+                        "intensity": {"a_min": 0, "a_max": 100, "b_min": 0, "b_max": 1, "clip": True}})
+    label = segment_prepared(Threshold(), pre.tensor, pre.grid, img, [0, 7], (16, 16, 16), 0.25, "gaussian", 2,
+                             torch.device("cpu"), smooth=smooth)
+    assert label.GetSize() == img.GetSize() and np.allclose(label.GetDirection(), img.GetDirection())
+    assert np.allclose(label.GetOrigin(), img.GetOrigin()) and np.allclose(label.GetSpacing(), img.GetSpacing())
+    out = sitk.GetArrayFromImage(label)
+    truth = arr == 100
+    assert set(np.unique(out)) == {0, 7}
+    assert 2 * np.logical_and(out == 7, truth).sum() / ((out == 7).sum() + truth.sum()) > 0.9

@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -290,3 +291,43 @@ def predict_labels_fast(model: torch.nn.Module, x: torch.Tensor, roi: Sequence[i
     with device_job(device):
         labels, _, _ = run_with_oom_fallback(fn, device, sw_batch_size, events)
     return labels
+
+
+def segment_prepared(model: torch.nn.Module, tensor: torch.Tensor, grid: Any, reference: Any,
+                     channel_values: Sequence[int], roi: Sequence[int], overlap: float, mode: str,
+                     sw_batch_size: int, device: torch.device, events: EventSink = NULL_SINK,
+                     smooth: bool | None = None, cancel: CancelFn | None = None) -> Any:
+    """Model-grid input (from ``infer.preprocess.prepare``) → label image on ``reference``'s exact grid.
+
+    ``smooth`` (default: on CUDA) keeps the blended scores on the device and resamples them trilinearly onto the
+    input grid before the argmax (:func:`~vocoslicer.infer.postprocess.scores_to_reference_torch`); otherwise
+    the argmax happens on the model grid and the uint8 labels are resampled nearest-neighbour (the official
+    ``Invertd(nearest_interp=True)`` behaviour, and the cheap choice on a CPU). CUDA out-of-memory retries with
+    fewer windows, then on the CPU; GPU memory is released afterwards. On the CPU one window per batch is used:
+    batching brings no speed there, only memory.
+    """
+    from vocoslicer.infer.oom import device_job, run_with_oom_fallback
+    from vocoslicer.infer.postprocess import labels_to_reference, scores_to_reference_torch
+
+    use_smooth = device.type == "cuda" if smooth is None else bool(smooth)
+    enable_fast_attention(model)
+    report = _progress_events(events, "sliding-window inference")
+
+    def fn(dev: torch.device, bs: int) -> Any:
+        net = model.to(dev)
+        if dev.type != "cuda":
+            bs = 1
+        if use_smooth:
+            scores = sliding_window_scores(net, tensor, roi, overlap=overlap, mode=mode, sw_batch_size=bs,
+                                           device=dev, progress=report, cancel=cancel, out_device=dev)
+            events.progress(1, 1, stage="resampling to the input grid")
+            return scores_to_reference_torch(scores, grid, reference, list(channel_values),
+                                             slab=64 if dev.type == "cuda" else 8)
+        labels = sliding_window_labels(net, tensor, roi, overlap=overlap, mode=mode, sw_batch_size=bs, device=dev,
+                                       channel_values=channel_values, progress=report, cancel=cancel)
+        events.progress(1, 1, stage="resampling to the input grid")
+        return labels_to_reference(labels.numpy(), grid, reference)
+
+    with device_job(device):
+        label, _, _ = run_with_oom_fallback(fn, device, sw_batch_size, events)
+    return label

@@ -4,7 +4,7 @@ Starting Python, importing torch/MONAI and loading a model costs seconds; a Slic
 case with the same model. ``vocoslicer serve --stdio`` pays that once. Protocol (one JSON object per line):
 
 request  ``{"id": ..., "op": "segment"|"classify"|"ping"|"shutdown", "input": ..., "output": ..., "model": ...,
-"device": ..., ["fast": bool, "overlap": float, "series": uid]}``
+"device": ..., ["fast": bool, "overlap": float, "series": uid, "smooth": bool, "largest_component": bool]}``
 
 replies  zero or more event lines (the :class:`~vocoslicer.jobs.events.EventSink` JSON form plus ``"id"``), then
 exactly one final line ``{"id": ..., "kind": "result", ...}`` or ``{"id": ..., "kind": "error", "message": ...,
@@ -168,7 +168,10 @@ class Worker:
         return self._classify(req, sink)
 
     def _segment(self, req: dict[str, Any], sink: ProtocolSink) -> dict[str, Any]:
-        from vocoslicer.infer.segment import labels_csv_path, segment_image
+        from vocoslicer.infer.postprocess import keep_largest_component_image
+        from vocoslicer.infer.preprocess import prepare
+        from vocoslicer.infer.segment import FAST_SPACING, labels_csv_path
+        from vocoslicer.infer.sliding import segment_prepared
         from vocoslicer.io import read_image, write_image
         from vocoslicer.models.registry import resolve
 
@@ -176,15 +179,25 @@ class Worker:
         bundle = resolve(req["model"])
         if bundle.task != "segmentation":
             raise UserError(f"model {bundle.describe()} is a {bundle.task} model, not a segmentation model")
-        overlap = req.get("overlap")
-        if overlap is not None and not 0 <= float(overlap) < 1:
+        inf = bundle.inference
+        overlap = float(inf["overlap"] if req.get("overlap") is None else req["overlap"])
+        if not 0 <= overlap < 1:
             raise UserError(f"overlap must be in [0, 1), got {overlap}")
         img = read_image(req["input"], series_uid=req.get("series"))
         t_load = time.perf_counter()
         model, cached = self.cache.get(bundle, dev)
         load_s = time.perf_counter() - t_load
-        label = segment_image(img, bundle, model=model, device=dev, fast=bool(req.get("fast", False)),
-                              overlap=None if overlap is None else float(overlap), events=sink)
+        sink.progress(0, 3, stage="preprocessing")
+        prepared = prepare(img, bundle.preprocessing, FAST_SPACING if req.get("fast") else None)
+        for w in prepared.warnings:
+            sink.warning(w)
+        sink.progress(1, 3, stage=f"inference on {dev.type}")
+        label = segment_prepared(model, prepared.tensor, prepared.grid, img, bundle.channel_values, inf["roi_size"],
+                                 overlap, str(inf["mode"]), int(inf["sw_batch_size"]), dev, sink,
+                                 smooth=req.get("smooth"))
+        if req.get("largest_component"):
+            label = keep_largest_component_image(label)
+        sink.progress(3, 3, stage="writing")
         out = write_image(label, req["output"])
         csv_path = bundle.labels.write_csv(labels_csv_path(out))
         sink.artifact(out, "segmentation", labels=str(csv_path), model=bundle.id, model_version=bundle.version)
