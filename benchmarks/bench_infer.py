@@ -136,17 +136,46 @@ _CHILD = ("import resource, sys\nfrom vocoslicer.cli import main\nrc = main(sys.
           "sys.exit(rc)\n")
 
 
-def e2e_segment(phantom: Path, bundle: Path, out: Path, device: str, fast: bool) -> dict[str, Any]:
-    """``vocoslicer segment`` in a child process: wall seconds (incl. start-up) and peak RSS."""
-    cmd = [sys.executable, "-c", _CHILD, "segment", str(phantom), "-o", str(out), "--model", str(bundle),
-           "--device", device] + (["--fast"] if fast else [])
+# read → prepare → our engine (segment_prepared) → write, as one child process: the pipeline of `segment` with the
+# fast engine, measured independently of how infer/segment.py wires it
+_CHILD_OURS = """import resource, sys, time
+import torch
+from vocoslicer.infer.preprocess import prepare
+from vocoslicer.infer.segment import FAST_SPACING, pick_device
+from vocoslicer.infer.sliding import segment_prepared
+from vocoslicer.io import read_image, write_image
+from vocoslicer.models.bundle import ModelBundle
+src, out, bundle_dir, device, fast = sys.argv[1:6]
+dev = pick_device(device)
+bundle = ModelBundle.load(bundle_dir)
+img = read_image(src)
+model = bundle.build_model().to(dev)
+pre = prepare(img, bundle.preprocessing, FAST_SPACING if fast == "1" else None)
+inf = bundle.inference
+label = segment_prepared(model, pre.tensor, pre.grid, img, bundle.channel_values, inf["roi_size"], inf["overlap"],
+                         inf["mode"], inf["sw_batch_size"], dev)
+write_image(label, out)
+bundle.labels.write_csv(out + ".labels.csv")
+sys.stderr.write('MAXRSS_KB %d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def e2e_segment(phantom: Path, bundle: Path, out: Path, device: str, fast: bool, engine: str = "cli"
+                ) -> dict[str, Any]:
+    """``vocoslicer segment`` (engine "cli") or read→ours→write (engine "ours") in a child: seconds, peak RSS."""
+    if engine == "cli":
+        cmd = [sys.executable, "-c", _CHILD, "segment", str(phantom), "-o", str(out), "--model", str(bundle),
+               "--device", device] + (["--fast"] if fast else [])
+    else:
+        cmd = [sys.executable, "-c", _CHILD_OURS, str(phantom), str(out), str(bundle), device, "1" if fast else "0"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"segment failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
     rss = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("MAXRSS_KB")]
-    return {"what": f"segment {'--fast ' if fast else ''}{device}", "seconds": seconds,
+    what = "`segment` CLI" if engine == "cli" else "read → our engine → write"
+    return {"what": f"{what} {'--fast ' if fast else ''}{device}", "seconds": seconds,
             "peak_rss_gib": rss[0] / 2**20 if rss else None}
 
 
@@ -220,6 +249,9 @@ def main() -> int:
     p.add_argument("--e2e", action="store_true", help="end-to-end 512x512x300 phantom runs (segment CLI, worker)")
     p.add_argument("--e2e-size", default=None, help="model of the end-to-end runs (default B)")
     p.add_argument("--e2e-volume", type=int, nargs=3, default=[512, 512, 300])
+    p.add_argument("--engines", nargs="+", choices=("cli", "ours"), default=["cli", "ours"],
+                   help="end-to-end pipelines: the segment CLI as wired today, and read -> our engine -> write")
+    p.add_argument("--skip-worker", action="store_true", help="no warm-worker end-to-end run")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "vocoslicer_bench")
     p.add_argument("--append", action="store_true", help="append the results to benchmarks/RESULTS.md")
     args = p.parse_args()
@@ -248,14 +280,15 @@ def main() -> int:
         bundle = make_bundle(args.workdir, args.e2e_size or "B")
         phantom = make_phantom(args.workdir, tuple(args.e2e_volume))
         runs = [(device.type, True)] + ([(device.type, False)] if on_gpu else [])
-        for dev, fast in runs:
-            r = e2e_segment(phantom, bundle, args.workdir / "seg.nii.gz", dev, fast)
+        for (dev, fast), engine in ((r, e) for r in runs for e in args.engines):
+            r = e2e_segment(phantom, bundle, args.workdir / "seg.nii.gz", dev, fast, engine)
             e2e.append(r)
             print(f"end to end {r['what']}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_gib'] or 0:.2f} GiB",
                   flush=True)
-        r = e2e_worker(phantom, bundle, args.workdir, device.type, fast=not on_gpu)
-        e2e.append(r)
-        print(f"end to end {r['what']}: {r['first_seconds']:.1f} s / {r['seconds']:.1f} s", flush=True)
+        if not args.skip_worker:
+            r = e2e_worker(phantom, bundle, args.workdir, device.type, fast=not on_gpu)
+            e2e.append(r)
+            print(f"end to end {r['what']}: {r['first_seconds']:.1f} s / {r['seconds']:.1f} s", flush=True)
     if args.append:
         append_results(args, device_text, rows, e2e)
     return 0
