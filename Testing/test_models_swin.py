@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from monai.networks.nets.swin_unetr import PatchMerging
+
 from vocoslicer.models.swin import VOCO_SIZES, LegacyPatchMerging, build_swinunetr, feature_size_for
 
 REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"
