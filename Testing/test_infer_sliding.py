@@ -297,3 +297,23 @@ def test_segment_prepared_lands_on_the_input_grid(smooth: bool) -> None:
     truth = arr == 100
     assert set(np.unique(out)) == {0, 7}
     assert 2 * np.logical_and(out == 7, truth).sum() / ((out == 7).sum() + truth.sum()) > 0.9
+
+
+def test_whole_volume_window_for_small_volumes(tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    from vocoslicer.infer.sliding import segment_prepared, whole_volume_roi
+
+    assert whole_volume_roi((119, 119, 100), (96, 96, 96), 0.5) == (128, 128, 128)
+    assert whole_volume_roi((250, 250, 200), (96, 96, 96), 0.5) == (96, 96, 96)  # too big for one window
+    assert whole_volume_roi((90, 90, 90), (96, 96, 96), 0.5) == (96, 96, 96)  # one tile is already less work
+    img = sitk.GetImageFromArray(np.zeros((20, 20, 40), np.float32))
+    sink = EventSink(path=tmp_path / "ev.jsonl")
+    x = torch.zeros((1, 1, 40, 20, 20))
+    x[..., 5:30, 5:15, 5:15] = 1
+    label = segment_prepared(Threshold(), x, img, img, [0, 1], (16, 16, 16), 0.75, "gaussian", 2,
+                             torch.device("cpu"), sink, whole_volume=True)
+    sink.close()
+    events = [json.loads(e) for e in (tmp_path / "ev.jsonl").read_text().splitlines()]
+    assert [e["total"] for e in events if e["stage"] == "sliding-window inference"] == [1]  # one 64x32x32 window
+    assert sitk.GetArrayFromImage(label).transpose(2, 1, 0)[5:30, 5:15, 5:15].all()

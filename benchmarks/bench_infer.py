@@ -153,7 +153,7 @@ model = bundle.build_model().to(dev)
 pre = prepare(img, bundle.preprocessing, FAST_SPACING if fast == "1" else None)
 inf = bundle.inference
 label = segment_prepared(model, pre.tensor, pre.grid, img, bundle.channel_values, inf["roi_size"], inf["overlap"],
-                         inf["mode"], inf["sw_batch_size"], dev)
+                         inf["mode"], inf["sw_batch_size"], dev, whole_volume=fast == "1")
 write_image(label, out)
 bundle.labels.write_csv(out + ".labels.csv")
 sys.stderr.write('MAXRSS_KB %d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

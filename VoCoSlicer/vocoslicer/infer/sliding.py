@@ -293,10 +293,29 @@ def predict_labels_fast(model: torch.nn.Module, x: torch.Tensor, roi: Sequence[i
     return labels
 
 
+WHOLE_VOLUME_MAX_VOXELS = 160**3
+
+
+def whole_volume_roi(shape: Sequence[int], roi: Sequence[int], overlap: float,
+                     max_voxels: int = WHOLE_VOLUME_MAX_VOXELS) -> tuple[int, ...]:
+    """One window covering the volume (each side rounded up to a multiple of 32, as SwinUNETR requires) when it is
+    at most ``max_voxels`` and less work than the tiling; else ``roi`` unchanged.
+
+    Swin attention is local (7³ token windows), so a larger input is the same computation with more context: at
+    3 mm a 512×512×300 CT becomes ~120×120×100 voxels, i.e. one 128³ window instead of eight 96³ ones (3.4× less
+    work).
+    """
+    cover = tuple(max(32, -(-int(s) // 32) * 32) for s in shape)
+    tiled = count_windows(shape, roi, overlap) * math.prod(int(r) for r in roi)
+    if math.prod(cover) <= max_voxels and math.prod(cover) < tiled:
+        return cover
+    return tuple(int(r) for r in roi)
+
+
 def segment_prepared(model: torch.nn.Module, tensor: torch.Tensor, grid: Any, reference: Any,
                      channel_values: Sequence[int], roi: Sequence[int], overlap: float, mode: str,
                      sw_batch_size: int, device: torch.device, events: EventSink = NULL_SINK,
-                     smooth: bool | None = None, cancel: CancelFn | None = None) -> Any:
+                     smooth: bool | None = None, cancel: CancelFn | None = None, whole_volume: bool = False) -> Any:
     """Model-grid input (from ``infer.preprocess.prepare``) → label image on ``reference``'s exact grid.
 
     ``smooth`` (default: on CUDA) keeps the blended scores on the device and resamples them trilinearly onto the
@@ -304,12 +323,15 @@ def segment_prepared(model: torch.nn.Module, tensor: torch.Tensor, grid: Any, re
     the argmax happens on the model grid and the uint8 labels are resampled nearest-neighbour (the official
     ``Invertd(nearest_interp=True)`` behaviour, and the cheap choice on a CPU). CUDA out-of-memory retries with
     fewer windows, then on the CPU; GPU memory is released afterwards. On the CPU one window per batch is used:
-    batching brings no speed there, only memory.
+    batching brings no speed there, only memory. ``whole_volume`` (meant for ``--fast``) runs one window covering
+    the whole (small) volume when that is less work than the tiling: see :func:`whole_volume_roi`.
     """
     from vocoslicer.infer.oom import device_job, run_with_oom_fallback
     from vocoslicer.infer.postprocess import labels_to_reference, scores_to_reference_torch
 
     use_smooth = device.type == "cuda" if smooth is None else bool(smooth)
+    if whole_volume:
+        roi = whole_volume_roi(tensor.shape[-3:], roi, overlap)
     enable_fast_attention(model)
     report = _progress_events(events, "sliding-window inference")
 

@@ -194,7 +194,7 @@ class Worker:
         sink.progress(1, 3, stage=f"inference on {dev.type}")
         label = segment_prepared(model, prepared.tensor, prepared.grid, img, bundle.channel_values, inf["roi_size"],
                                  overlap, str(inf["mode"]), int(inf["sw_batch_size"]), dev, sink,
-                                 smooth=req.get("smooth"))
+                                 smooth=req.get("smooth"), whole_volume=bool(req.get("fast")))
         if req.get("largest_component"):
             label = keep_largest_component_image(label)
         sink.progress(3, 3, stage="writing")
