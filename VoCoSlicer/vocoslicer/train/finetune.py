@@ -315,6 +315,22 @@ def semi_step(teacher: Teacher, confidence: float, semi_weight: float
     return step
 
 
+def _new_version(model_id: str, parent: dict[str, Any] | None) -> str:
+    """The next free version of ``model_id``, always above the parent's (which may not be installed)."""
+    import re
+
+    from vocoslicer.models import registry
+
+    candidate = registry.next_version(model_id)
+    if parent and parent.get("id") == model_id:
+        nums = [int(x) for x in re.findall(r"\d+", str(parent.get("version", "")))[:3]] + [0, 0, 0]
+        bumped = (nums[0], nums[1], nums[2] + 1)
+        have = tuple(([int(x) for x in re.findall(r"\d+", candidate)[:3]] + [0, 0, 0])[:3])
+        if have < bumped:
+            candidate = ".".join(map(str, bumped))
+    return candidate
+
+
 def _prepare(cases: Sequence[Any], init: InitModel, with_labels: bool, events: EventSink) -> list[PreparedCase]:
     out = []
     for c in cases:
@@ -378,7 +394,7 @@ def run_finetune(opts: FinetuneOptions, events: EventSink = NULL_SINK,
     if opts.semi and not unl_p:
         events.warning("semi-supervised stage skipped: the cohort has no unlabelled cases")
     model_id = saved.get("model_id") or opts.model_id or init.default_id(cohort.root.name)
-    version = saved.get("version") or registry.next_version(model_id)
+    version = saved.get("version") or _new_version(model_id, init.parent)
     eval_every = opts.eval_every or max(1, opts.steps // 10)
     eval_fn = make_eval_fn(val_p, init.labels, init.channel_values, roi)
     if "start_val_dice" in saved:

@@ -1,0 +1,124 @@
+"""Finetuning on a cohort of phantoms: bad input errors, cancel + resume, Dice gain, the new bundle segments.
+
+The training test is marked slow: a SwinUNETR (feature size 12) step on a 64³ crop takes 10-30 s on the shared
+2-core CI CPU, and 64³ is the smallest crop SwinUNETR can train on (its bottleneck instance norm needs > 1 voxel).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+import torch
+
+from vocoslicer.data.cohort import Cohort
+from vocoslicer.data.phantom import PHANTOM_LABELS, generate_phantom
+from vocoslicer.errors import Cancelled, UserError
+from vocoslicer.labels import Label, LabelTable
+from vocoslicer.models.bundle import ModelBundle, new_bundle_meta
+from vocoslicer.models.factory import build_model
+from vocoslicer.train.finetune import FinetuneOptions, run_finetune
+
+PRE = {"orientation": "RAS", "spacing": [8.0, 8.0, 8.0], "pad_value": -1024,
+       "intensity": {"a_min": -1000.0, "a_max": 1000.0, "b_min": 0.0, "b_max": 1.0, "clip": True}}
+ARGS = {"size": None, "feature_size": 12, "in_channels": 1, "out_channels": 9, "patch_merging": "legacy"}
+
+
+@pytest.fixture()
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    h = tmp_path / "home"
+    monkeypatch.setenv("VOCOSLICER_HOME", str(h))
+    return h
+
+
+def start_bundle(path: Path) -> Path:
+    """A random tiny SwinUNETR whose output bias says 'background everywhere' (validation Dice exactly 0)."""
+    torch.manual_seed(0)
+    model = build_model("swinunetr", ARGS)
+    with torch.no_grad():
+        model.out.conv.conv.bias.zero_()
+        model.out.conv.conv.bias[0] = 20.0
+    meta = new_bundle_meta("tiny-phantom", "1.0.0", "segmentation", "swinunetr", ARGS, preprocessing=PRE,
+                           inference={"roi_size": [64, 64, 64], "overlap": 0.25, "mode": "gaussian",
+                                      "sw_batch_size": 2}, channel_values=[0, *PHANTOM_LABELS.values])
+    return ModelBundle(meta=meta, labels=PHANTOM_LABELS).save(path, model.state_dict())
+
+
+def phantom_cohort(root: Path, labelled: int, unlabelled: int) -> Cohort:
+    c = Cohort.init(root)
+    for s in range(labelled + unlabelled):
+        ph = generate_phantom(s, spacing=(8, 8, 8))
+        if s < labelled:
+            c.add(ph.image, ph.label, PHANTOM_LABELS, split="val" if s == labelled - 1 else "train")
+        else:
+            c.add(ph.image)
+    return c
+
+
+def test_bad_cohorts_are_one_line_errors(tmp_path: Path, home: Path) -> None:
+    bundle = start_bundle(tmp_path / "start")
+    empty = Cohort.init(tmp_path / "empty")
+    with pytest.raises(UserError, match="the cohort is empty"):
+        run_finetune(FinetuneOptions(empty.root, str(bundle), tmp_path / "r1"))
+    only_u = phantom_cohort(tmp_path / "unl", 0, 1)
+    with pytest.raises(UserError, match="only unlabelled cases"):
+        run_finetune(FinetuneOptions(only_u.root, str(bundle), tmp_path / "r2"))
+    other = Cohort.init(tmp_path / "other")
+    ph = generate_phantom(0, spacing=(8, 8, 8))
+    other.add(ph.image, ph.label, LabelTable(tuple(Label(lb.value, "kidney" if lb.value == 1 else lb.name)
+                                                   for lb in PHANTOM_LABELS)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "vocoslicer", "finetune", "--cohort", str(other.root), "--init",
+                        str(bundle), "--out", str(tmp_path / "r3")], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "cohort label 1 is 'kidney' but tiny-phantom v1.0.0" in r.stderr.splitlines()[0]
+    with pytest.raises(UserError, match="--confidence"):
+        run_finetune(FinetuneOptions(other.root, str(bundle), tmp_path / "r4", confidence=0.0))
+
+
+@pytest.mark.slow
+def test_finetune_cancel_resume_gain_and_segment(tmp_path: Path, home: Path) -> None:
+    bundle = start_bundle(tmp_path / "start")
+    cohort = phantom_cohort(tmp_path / "cohort", labelled=3, unlabelled=1)
+    out = tmp_path / "run"
+    opts = dict(cohort=cohort.root, init=str(bundle), out=out, steps=4, lr=3e-3, batch=1, semi_start=0.25,
+                confidence=0.5, eval_every=2, device="cpu", amp="off", seed=0)
+    polls = []
+
+    def stop_after_two() -> bool:
+        polls.append(1)
+        return len(polls) >= 2
+
+    with pytest.raises(Cancelled):
+        run_finetune(FinetuneOptions(**opts), should_stop=stop_after_two)
+    ck = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert ck["step"] == 2 and ck["extra"]["teacher"]["started_at"] == 1  # the teacher is in the checkpoint
+    with pytest.raises(UserError, match="--resume"):
+        run_finetune(FinetuneOptions(**opts))
+    summary = run_finetune(FinetuneOptions(**opts, resume=True))
+    assert summary["steps"] == 4 and summary["start_val_dice"] == 0.0
+    assert summary["best_val_dice"] > summary["start_val_dice"]
+    new = ModelBundle.load(summary["installed"])
+    assert (new.id, new.version) == ("tiny-phantom", "1.0.1")  # a new version above its parent
+    assert new.meta["parent"]["id"] == "tiny-phantom" and len(new.meta["parent"]["sha256"]) == 64
+    assert new.meta["training"]["cohort_version"] == cohort.version
+    assert new.meta["training"]["semi_start_step"] == 1 and new.meta["training"]["n_unlabelled"] == 1
+    assert new.meta["metrics"]["val_dice"] == pytest.approx(summary["best_val_dice"], abs=1e-4)
+    # the new version is found by id at once, by the real CLI
+    ph = generate_phantom(7, spacing=(8, 8, 8))
+    img = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(ph.image, str(img))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VOCOSLICER_HOME": str(home)}
+    r = subprocess.run([sys.executable, "-m", "vocoslicer", "segment", str(img), "-o", str(tmp_path / "seg.nii.gz"),
+                        "--model", f"{new.id}@{new.version}", "--device", "cpu"], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    seg = sitk.ReadImage(str(tmp_path / "seg.nii.gz"))
+    assert seg.GetSize() == ph.image.GetSize()
+    assert json.loads((out / "summary.json").read_text())["id"] == "tiny-phantom"
