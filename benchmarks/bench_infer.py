@@ -209,8 +209,10 @@ def e2e_worker(phantom: Path, bundle: Path, workdir: Path, device: str, fast: bo
 def append_results(args: argparse.Namespace, device_text: str, rows: list[dict], e2e: list[dict]) -> None:
     lines = [f"\n### {dt.date.today().isoformat()} — {device_text}\n",
              f"`{' '.join(['python', 'benchmarks/bench_infer.py', *sys.argv[1:]])}`  ",
-             f"model VoCo-{args.size} (random weights), windows {args.roi}^3, volume {tuple(args.volume)}, ours "
-             f"sw_batch {args.sw_batch}; baseline = MONAI sliding_window_inference fp32 constant sw_batch 4\n"]
+             (f"model VoCo-{args.size} (random weights), windows {args.roi}^3, volume {tuple(args.volume)}, ours "
+              f"sw_batch {args.sw_batch}; baseline = MONAI sliding_window_inference fp32 constant sw_batch 4\n"
+              if rows else f"end-to-end model VoCo-{args.e2e_size or 'B'} (random weights, BTCV labels), "
+                           f"{'x'.join(map(str, args.e2e_volume))} phantom\n")]
     if rows:
         lines += ["| overlap | windows | MONAI s | MONAI patches/s | ours s | ours patches/s | ratio | agreement |",
                   "|---|---|---|---|---|---|---|---|"]
