@@ -225,6 +225,14 @@ class Worker:
 def serve_stdio(device: str = "auto", cache_size: int = 2) -> int:
     """Run a worker on this process's stdin/stdout (``vocoslicer serve --stdio``)."""
     stdout = sys.stdout
+    # pay the heavy imports before the first request (that is the point of a warm worker)
+    import monai.networks.nets  # noqa: F401
+    import torch  # noqa: F401
+
+    import vocoslicer.infer.preprocess  # noqa: F401
+    import vocoslicer.infer.sliding  # noqa: F401
+    import vocoslicer.models.classifier  # noqa: F401
+    import vocoslicer.models.swin  # noqa: F401
     # line-buffered protocol output even when stdout is a pipe
     with contextlib.suppress(AttributeError, ValueError):
         stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
