@@ -124,6 +124,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: tuple[str, Fil
         {"id": "tiny-omni", "version": "1.0.0", "title": "tiny VoComni", "url": f"{base}/tiny_omni.pt",
          "filename": "tiny_omni.pt", "task": "segmentation", "labels": "vocomni", "sha256": sha_omni,
          "architecture": {"name": "swinunetr", "args": {**tiny, "out_channels": 21}}},
+        {"id": "tiny-wrong", "version": "1.0.0", "title": "SSL file declared as a segmentation model",
+         "url": f"{base}/tiny_ssl.pt", "filename": "tiny_wrong.pt", "task": "segmentation", "labels": "vocomni",
+         "architecture": {"name": "swinunetr", "args": {**tiny, "out_channels": 21}}},
         {"id": "tiny-bad", "version": "1.0.0", "title": "wrong checksum", "url": f"{base}/tiny_omni.pt",
          "filename": "tiny_bad.pt", "task": "segmentation", "labels": "vocomni", "sha256": "0" * 64,
          "architecture": {"name": "swinunetr", "args": {**tiny, "out_channels": 21}}},
@@ -164,8 +167,10 @@ def test_resume_after_truncated_transfer(tmp_path: Path, server: tuple[str, File
 def test_sha_mismatch_installs_nothing(home: Path, server: tuple[str, Files]) -> None:
     with pytest.raises(UserError, match="sha256 mismatch"):
         install_from_catalog("tiny-bad")
+    with pytest.raises(UserError, match="incomplete segmentation checkpoint"):
+        install_from_catalog("tiny-wrong")
     models = home / "models"
-    assert not (models / "tiny-bad").exists()
+    assert not (models / "tiny-bad").exists() and not (models / "tiny-wrong").exists()
     assert not any((models / ".downloads").iterdir())  # neither the file nor a .part is left
 
 

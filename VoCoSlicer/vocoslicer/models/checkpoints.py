@@ -12,6 +12,7 @@ allow-listed explicitly.
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
 
             return load_file(str(p))
         with torch.serialization.safe_globals(_numpy_safe_globals()):
+            if zipfile.is_zipfile(p):  # memory-map: a 4.6 GB VoComni-H is not copied into RAM before conversion
+                return torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
             return torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any decoding failure means a bad file for the user
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]

@@ -188,14 +188,19 @@ def install_from_catalog(key: str, events: EventSink = NULL_SINK, bar: ProgressB
         events.warning(f"{entry.filename}: no published sha256 for this file, so it could not be verified; "
                        f"recorded the computed sha256 {result.sha256} in model.json")
     events.progress(0, 1, stage=f"converting {entry.filename} into a model bundle")
+    error: str | None = None
     try:
         bundle, report = checkpoint_to_bundle(raw, target, entry=entry, source_sha256=result.sha256,
                                               sha256_verified=result.verified, overwrite=force)
-    except UserError:
-        raw.unlink(missing_ok=True)  # a wrong file must not be picked up again by the next attempt
-        raise
-    if not keep_download:
-        raw.unlink(missing_ok=True)
+    except UserError as exc:
+        error = str(exc)
+    # after the except block (its traceback would keep the memory-mapped tensors alive, and Windows cannot delete
+    # a mapped file); a wrong file must not be picked up again by the next attempt
+    if error is not None or not keep_download:
+        with contextlib.suppress(OSError):
+            raw.unlink(missing_ok=True)
+    if error is not None:
+        raise UserError(error)
     events.log(report.summary())
     events.artifact(target, "model", id=entry.id, version=entry.version)
     return {"id": entry.id, "version": entry.version, "path": str(target), "status": "installed",
