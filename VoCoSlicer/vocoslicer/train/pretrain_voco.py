@@ -111,7 +111,8 @@ def pretrain_voco(data: list[str], run_dir: str | os.PathLike[str], recipe: VoCo
     """Run (or resume) VoCo pretraining; returns the loop result plus ``model`` (the trained VoCoHead, every rank)
     and ``bundle`` (rank 0, the exported backbone bundle when the encoder is SwinUNETR's)."""
     run_dir = Path(run_dir)
-    ctx, device = D.setup(train.device)
+    # long timeout: the other ranks wait in a collective while rank 0 preprocesses the whole data set once
+    ctx, device = D.setup(train.device, timeout_s=6 * 3600)
     events = events if (events is not None and ctx.is_main) else NULL_SINK
     try:
         if ctx.is_main:
