@@ -51,20 +51,20 @@ def pretrain(work: Path, unl_dir: Path, a: argparse.Namespace) -> Path:
     cmd = [sys.executable, "-m", "vocoslicer", "pretrain", "voco", "--data", str(unl_dir), "--out", str(run),
            "--feature-size", str(a.feature_size), "--steps", str(a.pretrain_steps), "--batch", "1", "--sw", "2",
            "--crop", "64", "--grid", "2", "--spacing", str(a.spacing), "--window=-1000,1000", "--device",
-           a.device, "--amp", "off", "--seed", "0", "--workers", "0"]
+           a.device, "--amp", "off" if a.device == "cpu" else "auto", "--seed", "0", "--workers", "0"]
     print("pretraining:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return run / "backbone"
 
 
-def test_dice(bundle_dir: Path, test_seeds: list[int], spacing: float) -> float:
+def test_dice(bundle_dir: Path, test_seeds: list[int], spacing: float, device: str = "cpu") -> float:
     """Mean Dice over labels and test phantoms, through the inference pipeline."""
     bundle = ModelBundle.load(bundle_dir)
-    model = bundle.build_model().eval()
+    model = bundle.build_model().eval().to(device)
     scores = []
     for s in test_seeds:
         ph = generate_phantom(s, spacing=(spacing,) * 3)
-        pred = segment_image(ph.image, bundle, model=model, device="cpu")
+        pred = segment_image(ph.image, bundle, model=model, device=device)
         per = dice_per_label(sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(ph.label),
                              PHANTOM_LABELS.values)
         scores.append(mean_dice(per))
@@ -126,11 +126,12 @@ def main() -> int:
                     init = "scratch" if m == "scratch" else str(backbone)
                     opts = FinetuneOptions(cohort=cdir, init=init, out=out, steps=a.steps, lr=a.lr, batch=a.batch,
                                            roi=[64, 64, 64], semi=m == "voco+semi", confidence=a.confidence,
-                                           eval_every=max(1, a.steps // 5), device=a.device, amp="off", seed=seed,
+                                           eval_every=max(1, a.steps // 5), device=a.device, seed=seed,
+                                           amp="off" if a.device == "cpu" else "auto",
                                            model_id=f"bench-{m.replace('+', '-')}", feature_size=a.feature_size,
                                            preprocessing=pre, install=False)
                     run_finetune(opts)
-                d = test_dice(out / "best_bundle", test_seeds, a.spacing)
+                d = test_dice(out / "best_bundle", test_seeds, a.spacing, a.device)
                 results[m][k].append(d)
                 print(f"k={k} seed={seed} {m:10s} test Dice {d:.3f}", flush=True)
     header = "| k | " + " | ".join(methods) + " | " + " | ".join(f"{m}/scratch" for m in methods[1:]) + " |"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -441,6 +442,8 @@ def run_finetune(opts: FinetuneOptions, events: EventSink = NULL_SINK,
     if semi_at == 0:
         teacher.freeze_copy_of(trainer.model, 0)
     result = trainer.fit(resume=opts.resume and bool(saved))
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun only rank 0 writes and installs the bundle
+        return {"id": model_id, "version": version, "steps": result["step"], "rank": int(os.environ["RANK"])}
     if not (best_dir / "model.json").is_file():  # no validation improved on nothing: keep the final weights
         best_bundle_writer(template, best_dir)(trainer.model, result["step"], {"val_dice": float("nan")})
     best = ModelBundle.load(best_dir)
