@@ -40,9 +40,10 @@ def start_bundle(path: Path) -> Path:
     """A random tiny SwinUNETR whose output bias says 'background everywhere' (validation Dice exactly 0)."""
     torch.manual_seed(0)
     model = build_model("swinunetr", ARGS)
-    with torch.no_grad():
+    with torch.no_grad():  # constant logits: background wins by 0.02 everywhere, a few steps can overturn it
+        model.out.conv.conv.weight.zero_()
         model.out.conv.conv.bias.zero_()
-        model.out.conv.conv.bias[0] = 20.0
+        model.out.conv.conv.bias[0] = 0.02
     meta = new_bundle_meta("tiny-phantom", "1.0.0", "segmentation", "swinunetr", ARGS, preprocessing=PRE,
                            inference={"roi_size": [64, 64, 64], "overlap": 0.25, "mode": "gaussian",
                                       "sw_batch_size": 2}, channel_values=[0, *PHANTOM_LABELS.values])
@@ -87,7 +88,7 @@ def test_finetune_cancel_resume_gain_and_segment(tmp_path: Path, home: Path) -> 
     bundle = start_bundle(tmp_path / "start")
     cohort = phantom_cohort(tmp_path / "cohort", labelled=3, unlabelled=1)
     out = tmp_path / "run"
-    opts = dict(cohort=cohort.root, init=str(bundle), out=out, steps=4, lr=3e-3, batch=1, semi_start=0.25,
+    opts = dict(cohort=cohort.root, init=str(bundle), out=out, steps=4, lr=1e-2, batch=1, semi_start=0.25,
                 confidence=0.5, eval_every=2, device="cpu", amp="off", seed=0)
     polls = []
 
@@ -122,3 +123,29 @@ def test_finetune_cancel_resume_gain_and_segment(tmp_path: Path, home: Path) -> 
     seg = sitk.ReadImage(str(tmp_path / "seg.nii.gz"))
     assert seg.GetSize() == ph.image.GetSize()
     assert json.loads((out / "summary.json").read_text())["id"] == "tiny-phantom"
+
+
+def test_init_from_backbone_bundle_and_checkpoint(tmp_path: Path, home: Path) -> None:
+    from vocoslicer.train.finetune import resolve_init
+
+    torch.manual_seed(1)
+    enc = build_model("swinunetr", {"feature_size": 12, "in_channels": 1, "out_channels": 2})
+    sd = {k: v for k, v in enc.state_dict().items() if k.startswith(("swinViT.", "encoder"))}
+    meta = new_bundle_meta("voco-fs12-ssl-x", "0.1.0", "backbone", "swinunetr",
+                           {"feature_size": 12, "in_channels": 1, "patch_merging": "legacy"}, preprocessing=PRE)
+    bb = ModelBundle(meta=meta).save(tmp_path / "backbone", sd)
+    init = resolve_init(str(bb), PHANTOM_LABELS)
+    assert init.kind == "backbone" and init.arch[1]["out_channels"] == 9 and init.preprocessing["spacing"] == [8.0] * 3
+    model = init.build()
+    key = "swinViT.layers1.0.blocks.0.attn.qkv.weight"
+    assert torch.equal(model.state_dict()[key], sd[key])
+    assert init.bundle_meta("m", "1.0.0", [64] * 3, {"cohort": "/c"})["parent"]["id"] == "voco-fs12-ssl-x"
+    # an official-style checkpoint file (module./backbone. prefixes) works as --init too
+    ckpt = tmp_path / "voco.pt"
+    torch.save({"state_dict": {f"module.backbone.{k}": v for k, v in sd.items()}}, ckpt)
+    init2 = resolve_init(str(ckpt), PHANTOM_LABELS, preprocessing=PRE)
+    assert init2.kind == "checkpoint" and init2.arch[1]["feature_size"] == 12
+    assert torch.equal(init2.build().state_dict()[key], sd[key])
+    with pytest.raises(UserError, match="not a VoCo / SwinUNETR checkpoint"):
+        torch.save({"state_dict": {"x": torch.zeros(1)}}, tmp_path / "bad.pt")
+        resolve_init(str(tmp_path / "bad.pt"), PHANTOM_LABELS)
