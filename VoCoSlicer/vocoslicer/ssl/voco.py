@@ -61,7 +61,8 @@ def base_crop_origins(n: int, roi: int) -> np.ndarray:
 
 def sample_random_centres(rng: np.random.Generator, sw: int, n: int, roi: int) -> np.ndarray:
     """Centres (x, y) of ``sw`` random crops, each coordinate uniform in [r/2, n·r − r/2) like the official code."""
-    return rng.integers(roi // 2, n * roi - roi // 2, size=(sw, 2))
+    lo, hi = roi // 2, n * roi - roi // 2
+    return rng.integers(lo, max(hi, lo + 1), size=(sw, 2))  # n = 1 (tiny tests): the one centred crop
 
 
 def position_labels(centres: np.ndarray, n: int, roi: int) -> np.ndarray:
