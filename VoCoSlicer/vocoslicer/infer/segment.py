@@ -99,8 +99,8 @@ def run_segment(input_path: str, output: str, model_spec: str | None = None, dev
     if out.exists() and out.is_dir():
         raise UserError(f"{out}: is a folder; give an output file name such as {out / 'segmentation.nii.gz'}")
     t0 = time.perf_counter()
+    img = read_image(input_path, series_uid=series)  # the input first: the most likely mistake is reported first
     bundle = resolve(model_spec)
-    img = read_image(input_path, series_uid=series)
     events.log(f"segmenting {input_path} with {bundle.describe()}")
     label = segment_image(img, bundle, device=device, fast=fast, overlap=overlap, events=events)
     write_image(label, out)

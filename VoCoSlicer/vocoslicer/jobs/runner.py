@@ -29,6 +29,7 @@ log = logging.getLogger("vocoslicer.jobs")
 # the run's own bookkeeping (start/end lines, crash tracebacks) goes to log.txt only, never to the user's terminal
 runlog = logging.getLogger("vocoslicer.run")
 runlog.propagate = False
+runlog.addHandler(logging.NullHandler())  # without --run-dir: no "last resort" echo of errors on stderr
 
 _SUBCOMMAND_KEYS = ("command", "method", "action")
 

@@ -1,0 +1,115 @@
+"""Model bundles: save/load round trip, integrity checks, label/head consistency, registry resolution."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+import torch
+
+from vocoslicer.errors import UserError
+from vocoslicer.labels import Label, LabelTable
+from vocoslicer.models import registry
+from vocoslicer.models.bundle import ModelBundle, new_bundle_meta
+
+LABELS = LabelTable((Label(1, "liver", (220, 100, 80)), Label(2, "spleen", (150, 60, 160))))
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self, out_channels: int = 3) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, out_channels, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.fixture(autouse=True)
+def _tiny_arch(monkeypatch):
+    from vocoslicer.models import factory
+
+    monkeypatch.setitem(factory._REGISTRY, "tiny", lambda out_channels=3: Tiny(out_channels))
+
+
+def _bundle(out_channels: int = 3, labels: LabelTable = LABELS) -> ModelBundle:
+    meta = new_bundle_meta("test-model", "1.0.0", "segmentation", "tiny", {"out_channels": out_channels})
+    return ModelBundle(meta=meta, labels=labels)
+
+
+def test_round_trip_and_sha(tmp_path):
+    model = Tiny()
+    path = _bundle().save(tmp_path / "b", model.state_dict())
+    assert sorted(p.name for p in path.iterdir()) == ["labels.csv", "model.json", "weights.safetensors"]
+    loaded = ModelBundle.load(path)
+    assert loaded.labels == LABELS and loaded.channel_values == [0, 1, 2]
+    rebuilt = loaded.build_model()
+    assert torch.equal(rebuilt.conv.weight, model.conv.weight)
+    assert LabelTable.read_csv(path / "labels.csv") == LABELS
+    # tampered weights are detected before they are used
+    w = path / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="sha256 mismatch"):
+        loaded.build_model()
+
+
+def test_labels_must_match_head(tmp_path):
+    with pytest.raises(UserError, match="3 output channels but the label table defines 2"):
+        _bundle(out_channels=3, labels=LabelTable((Label(1, "liver"),))).save(tmp_path / "b", Tiny().state_dict())
+    assert not (tmp_path / "b").exists()  # nothing half-written
+    assert not list(tmp_path.iterdir())
+
+
+def test_corrupt_inputs_are_user_errors(tmp_path):
+    (tmp_path / "nojson").mkdir()
+    with pytest.raises(UserError, match="no model.json"):
+        ModelBundle.load(tmp_path / "nojson")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.json").write_text("{not json")
+    with pytest.raises(UserError, match="unreadable model.json"):
+        ModelBundle.load(bad)
+    path = _bundle().save(tmp_path / "ok", Tiny().state_dict())
+    meta = json.loads((path / "model.json").read_text())
+    meta["weights"]["sha256"] = None
+    (path / "model.json").write_text(json.dumps(meta))
+    (path / "weights.safetensors").write_bytes(b"truncated")
+    with pytest.raises(UserError, match="cannot load weights"):
+        ModelBundle.load(path).build_model()
+
+
+def test_overwrite_is_atomic_and_zip_loads(tmp_path):
+    first = Tiny()
+    path = _bundle().save(tmp_path / "b", first.state_dict())
+    with pytest.raises(UserError, match="already exists"):
+        _bundle().save(path, Tiny().state_dict())
+    second = Tiny()
+    _bundle().save(path, second.state_dict(), overwrite=True)
+    assert torch.equal(ModelBundle.load(path).build_model().conv.weight, second.conv.weight)
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+    zpath = tmp_path / "b.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for f in path.iterdir():
+            zf.write(f, f"bundle/{f.name}")
+    assert ModelBundle.load(zpath).id == "test-model"
+
+
+def test_registry_install_resolve_versions(tmp_path, monkeypatch):
+    monkeypatch.setenv("VOCOSLICER_HOME", str(tmp_path / "home"))
+    b = _bundle()
+    registry.install(b.save(tmp_path / "v1", Tiny().state_dict()))
+    assert registry.next_version("test-model") == "1.0.1"
+    b2 = _bundle()
+    b2.meta["version"] = "1.0.1"
+    registry.install(b2.save(tmp_path / "v2", Tiny().state_dict()))
+    assert registry.resolve("test-model").version == "1.0.1"
+    assert registry.resolve("test-model@1.0.0").version == "1.0.0"
+    assert registry.resolve(str(tmp_path / "v1")).version == "1.0.0"
+    with pytest.raises(UserError, match="already installed"):
+        registry.install(tmp_path / "v1")
+    with pytest.raises(UserError, match="neither a bundle path nor an installed model"):
+        registry.resolve("other-model")
+    registry.remove("test-model@1.0.1")
+    assert registry.resolve("test-model").version == "1.0.0"
