@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fast", action="store_true", help="run at 3 mm spacing (much faster, coarser)")
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the bundle's)")
     p.add_argument("--series", default=None, help="DICOM SeriesInstanceUID when the folder holds several series")
+    p.add_argument("--largest-component", action="store_true",
+                   help="keep only the largest connected component of each label (removes stray islands)")
     p.add_argument("--truth", default=None, help="ground-truth label map: print per-label Dice after segmenting")
     add_events_flag(p)
     p.set_defaults(func=run)
@@ -34,13 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Handler: segment and report."""
     from vocoslicer.infer.segment import run_segment
-    from vocoslicer.jobs.events import EventSink
 
     if args.overlap is not None and not 0 <= args.overlap < 1:
         raise UserError(f"--overlap must be in [0, 1), got {args.overlap}")
-    events = EventSink(stdout=args.events == "stdout")
     result = run_segment(args.input, args.output, args.model, args.device, args.fast, args.series, args.overlap,
-                         events)
+                         largest_component=args.largest_component)  # events: the job context's (--run-dir/--events)
     out = sys.stderr if args.events == "stdout" else sys.stdout
     print(f"wrote {result['output']} and {result['labels']} ({result['model']}, {result['seconds']:.1f} s)", file=out)
     if args.truth:

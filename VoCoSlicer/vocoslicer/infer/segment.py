@@ -1,23 +1,22 @@
 """Segmentation inference: input volume → label map on exactly the input's grid.
 
-The pipeline is deliberately plain: :mod:`vocoslicer.infer.preprocess` for geometry, MONAI's sliding-window
-inference for the network, argmax after resampling scores back. The GPU fast path (batched windows, autocast,
-OOM fallback) plugs in through :func:`predict_scores`.
+:mod:`vocoslicer.infer.preprocess` does the geometry, :mod:`vocoslicer.infer.sliding` the network (batched
+windows, autocast and OOM fallback on CUDA, argmax as early as possible), and the job context of
+:mod:`vocoslicer.jobs` the progress events, cancel and the GPU lock.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import SimpleITK as sitk
 import torch
 
-from vocoslicer.errors import UserError
-from vocoslicer.infer.preprocess import prepare, scores_to_reference
+from vocoslicer.errors import Cancelled, UserError
+from vocoslicer.infer.preprocess import prepare
 from vocoslicer.jobs.events import NULL_SINK, EventSink
 from vocoslicer.models.bundle import ModelBundle
 
@@ -36,25 +35,14 @@ def pick_device(requested: str = "auto") -> torch.device:
         raise UserError(f"unknown device {requested!r} (use auto, cpu, cuda or cuda:N)") from None
 
 
-def predict_scores(model: torch.nn.Module, x: torch.Tensor, roi: Sequence[int], overlap: float, mode: str,
-                   sw_batch_size: int, device: torch.device, events: EventSink = NULL_SINK) -> torch.Tensor:
-    """Sliding-window class scores (C, X, Y, Z) on the CPU, as float32."""
-    from monai.inferers import sliding_window_inference
-
-    model.eval()
-    amp = device.type == "cuda"
-    amp_ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-    with torch.inference_mode(), amp_ctx:
-        out = sliding_window_inference(x.to(device), roi_size=tuple(int(r) for r in roi), sw_batch_size=sw_batch_size,
-                                       predictor=model, overlap=overlap, mode=mode,
-                                       sw_device=device, device=torch.device("cpu"))
-    return out[0].float()
-
-
 def segment_image(img: sitk.Image, bundle: ModelBundle, model: torch.nn.Module | None = None,
                   device: str | torch.device = "auto", fast: bool = False, overlap: float | None = None,
-                  events: EventSink = NULL_SINK) -> sitk.Image:
+                  events: EventSink = NULL_SINK, cancel: Callable[[], bool] | None = None,
+                  largest_component: bool = False) -> sitk.Image:
     """Segment one image with ``bundle``; returns a label image on ``img``'s exact grid."""
+    from vocoslicer.infer.postprocess import keep_largest_component_image
+    from vocoslicer.infer.sliding import segment_prepared
+
     if bundle.task != "segmentation":
         raise UserError(f"model {bundle.describe()} is a {bundle.task} model, not a segmentation model")
     dev = device if isinstance(device, torch.device) else pick_device(device)
@@ -68,12 +56,15 @@ def segment_image(img: sitk.Image, bundle: ModelBundle, model: torch.nn.Module |
         events.progress(1, 4, stage="loading model")
         model = bundle.build_model().to(dev)
     inf = bundle.inference
+    ov = float(overlap if overlap is not None else inf["overlap"])
     events.progress(2, 4, stage=f"inference on {dev.type}")
-    scores = predict_scores(model, prepared.tensor, inf["roi_size"], float(overlap if overlap is not None
-                                                                             else inf["overlap"]),
-                            str(inf["mode"]), int(inf["sw_batch_size"]), dev, events)
-    events.progress(3, 4, stage="resampling to the input grid")
-    label = scores_to_reference(scores, prepared.grid, img, bundle.channel_values)
+    # fast engine: batched windows, autocast and OOM fallback on CUDA; scores are resampled (not labels) onto the
+    # input grid except in --fast mode, where the cheap nearest-neighbour label path is the point
+    label = segment_prepared(model, prepared.tensor, prepared.grid, img, bundle.channel_values, inf["roi_size"], ov,
+                             str(inf["mode"]), int(inf["sw_batch_size"]), dev, events, smooth=not fast,
+                             cancel=cancel, whole_volume=fast)
+    if largest_component:
+        label = keep_largest_component_image(label)
     events.progress(4, 4, stage="done")
     return label
 
@@ -90,10 +81,14 @@ def labels_csv_path(output: str | Path) -> Path:
 
 def run_segment(input_path: str, output: str, model_spec: str | None = None, device: str = "auto",
                 fast: bool = False, series: str | None = None, overlap: float | None = None,
-                events: EventSink = NULL_SINK) -> dict[str, Any]:
+                events: EventSink | None = None, largest_component: bool = False) -> dict[str, Any]:
     """The ``segment`` command: read, segment, write label map + labels CSV (both atomically)."""
     from vocoslicer.io import read_image, write_image
+    from vocoslicer.jobs import current_job
     from vocoslicer.models.registry import resolve
+
+    job = current_job()
+    events = events if events is not None else job.events
 
     out = Path(output)
     if out.exists() and out.is_dir():
@@ -102,7 +97,12 @@ def run_segment(input_path: str, output: str, model_spec: str | None = None, dev
     img = read_image(input_path, series_uid=series)  # the input first: the most likely mistake is reported first
     bundle = resolve(model_spec)
     events.log(f"segmenting {input_path} with {bundle.describe()}")
-    label = segment_image(img, bundle, device=device, fast=fast, overlap=overlap, events=events)
+    dev = pick_device(device)
+    with job.gpu_lock(dev):
+        label = segment_image(img, bundle, device=dev, fast=fast, overlap=overlap, events=events,
+                              cancel=job.should_stop, largest_component=largest_component)
+    if job.should_stop():
+        raise Cancelled("segmentation cancelled; nothing was written")
     write_image(label, out)
     csv_path = bundle.labels.write_csv(labels_csv_path(out))
     seconds = time.perf_counter() - t0
