@@ -11,12 +11,14 @@ from monai.networks.nets.swin_unetr import PatchMerging
 
 from vocoslicer.models.swin import VOCO_SIZES, LegacyPatchMerging, build_swinunetr, feature_size_for
 
-REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"
+_ROOT = Path(__file__).resolve().parents[1]
+# copies of the shared reference files live in the repo so CI checks the official layout too
+REFERENCE_DIRS = (_ROOT / "Testing" / "data" / "reference", _ROOT.parent / "shared" / "reference")
 
 
 def read_reference_keys(name: str) -> dict[str, tuple[int, ...]]:
     """Parse a reference key file (``key<TAB>(shape)<TAB>dtype``) into {key: shape}."""
-    path = REFERENCE / name
+    path = next((d / name for d in REFERENCE_DIRS if (d / name).is_file()), REFERENCE_DIRS[0] / name)
     if not path.is_file():
         pytest.skip(f"reference key file {path} not available (lives in the shared workspace, not the repo)")
     out: dict[str, tuple[int, ...]] = {}
