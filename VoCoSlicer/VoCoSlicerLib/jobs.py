@@ -338,9 +338,9 @@ class Job:
         if self._kill_at is not None and alive and time.monotonic() >= self._kill_at:
             self._kill_tree(signal.SIGKILL if not IS_WINDOWS else None)
             self._kill_at = None
+        self._track(events)  # first: the final events may already say "done" before _finish looks
         if not alive:
-            events += self._finish()
-        self._track(events)
+            events += self._finish()  # tracks the events it reads itself
         if not alive and self.status in ("starting", "queued", "running"):
             self.status = "dead"
         return events

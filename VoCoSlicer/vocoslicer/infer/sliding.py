@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -305,7 +306,10 @@ def whole_volume_roi(shape: Sequence[int], roi: Sequence[int], overlap: float,
     3 mm a 512×512×300 CT becomes ~120×120×100 voxels, i.e. one 128³ window instead of eight 96³ ones (3.4× less
     work).
     """
-    cover = tuple(max(32, -(-int(s) // 32) * 32) for s in shape)
+    cover = [max(32, -(-int(s) // 32) * 32) for s in shape]
+    if max(cover) == 32:  # all sides 32: the deepest SwinUNETR stage would be 1×1×1 and instance norm fails
+        cover[int(np.argmax(shape))] = 64
+    cover = tuple(cover)
     tiled = count_windows(shape, roi, overlap) * math.prod(int(r) for r in roi)
     if math.prod(cover) <= max_voxels and math.prod(cover) < tiled:
         return cover
