@@ -153,3 +153,57 @@ def test_init_from_backbone_bundle_and_checkpoint(tmp_path: Path, home: Path) ->
     with pytest.raises(UserError, match="not a VoCo / SwinUNETR checkpoint"):
         torch.save({"state_dict": {"x": torch.zeros(1)}}, tmp_path / "bad.pt")
         resolve_init(str(tmp_path / "bad.pt"), PHANTOM_LABELS)
+
+
+UNET = {"in_channels": 1, "out_channels": 9, "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}
+
+
+def test_finetune_improves_validation_dice_over_its_start_bundle(tmp_path: Path, home: Path) -> None:
+    """The issue's gain test, on a bundle of MONAI's UNet (any bundle can be finetuned): a SwinUNETR step is 10-30 s
+    on the CI CPU, too slow for the tens of steps a measurable gain needs; this UNet trains in ~0.3 s a step.
+    Measured on this CPU: validation Dice 0.018 (random start) → 0.29 after 60 steps (liver 0.77, lungs 0.56)."""
+    torch.manual_seed(0)
+    meta = new_bundle_meta("tiny-unet", "1.0.0", "segmentation", "unet", UNET, preprocessing=PRE,
+                           inference={"roi_size": [32, 32, 32], "overlap": 0.25, "mode": "gaussian",
+                                      "sw_batch_size": 2}, channel_values=[0, *PHANTOM_LABELS.values])
+    start = ModelBundle(meta=meta, labels=PHANTOM_LABELS).save(tmp_path / "start", build_model("unet", UNET)
+                                                              .state_dict())
+    cohort = phantom_cohort(tmp_path / "cohort", labelled=3, unlabelled=2)
+    summary = run_finetune(FinetuneOptions(cohort.root, str(start), tmp_path / "run", steps=60, lr=1e-2, batch=2,
+                                           semi_start=0.5, confidence=0.8, eval_every=15, device="cpu", amp="off"))
+    assert summary["start_val_dice"] < 0.05
+    assert summary["best_val_dice"] > summary["start_val_dice"] + 0.1, summary
+    new = ModelBundle.load(summary["installed"])
+    assert new.architecture[0] == "unet" and new.meta["training"]["sampler"] == "classes"
+    assert new.meta["training"]["start_val_dice"] < new.meta["metrics"]["val_dice"]
+    # the gain is real on a case the finetune never saw, through the inference pipeline
+    from vocoslicer.infer.segment import segment_image
+    from vocoslicer.metrics import dice_per_label, mean_dice
+
+    ph = generate_phantom(50, spacing=(8, 8, 8))
+    truth = sitk.GetArrayViewFromImage(ph.label)
+    after = mean_dice(dice_per_label(sitk.GetArrayViewFromImage(segment_image(ph.image, new, device="cpu")), truth,
+                                     PHANTOM_LABELS.values))
+    before_b = ModelBundle.load(start)
+    before = mean_dice(dice_per_label(sitk.GetArrayViewFromImage(segment_image(ph.image, before_b, device="cpu")),
+                                      truth, PHANTOM_LABELS.values))
+    assert after > before + 0.05, (before, after)
+
+
+def test_class_balanced_crops_centre_small_structures() -> None:
+    """--sampler classes: a structure of a few voxels is in most crops, not in the few that pos/neg gives it."""
+    from vocoslicer.train.segmentation import CropStream, PreparedCase
+
+    lab = torch.zeros(1, 96, 96, 96, dtype=torch.uint8)
+    lab[0, 10:70, 10:70, 10:70] = 1  # a big organ
+    lab[0, 85:88, 85:88, 85:88] = 2  # a small one, far away
+    case = PreparedCase("c", torch.rand(1, 96, 96, 96), lab)
+
+    def share_with_small(**kw: object) -> float:
+        it = iter(CropStream([case], (32, 32, 32), batch_size=1, seed=0, augment=False, **kw))
+        return sum(bool((next(it)["label"] == 2).any()) for _ in range(60)) / 60
+
+    balanced, posneg = share_with_small(class_ratios=[1, 1, 1]), share_with_small()
+    assert balanced > 0.25 and posneg < 0.15, (balanced, posneg)
+    with pytest.raises(UserError, match="class_ratios"):
+        CropStream([case], (32, 32, 32), class_ratios=[0, 0, 0])

@@ -75,6 +75,7 @@ def held_out_dice(bundle: ModelBundle, seeds: list[int]) -> dict[str, float]:
 
 def model_card(args: argparse.Namespace, meta: dict, held: dict[str, float], seconds: float) -> str:
     """The README.md of the bundle: how it was made and how good it is, in numbers."""
+    crops = "centred on each class equally often" if args.sampler == "classes" else "pos/neg 1:1"
     rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in held.items())
     return f"""# VoCoSlicer demo model ({DEMO_MODEL_ID} v{meta['version']})
 
@@ -86,10 +87,12 @@ model; it has never seen a real CT and must not be used on patient data.
 
 ## How it was trained
 - Command: `python scripts/train_demo_model.py --steps {args.steps} --train-seeds {args.train_seeds} \\
-  --val-seeds {args.val_seeds} --test-seeds {args.test_seeds} --lr {args.lr} --batch {args.batch}`
+  --val-seeds {args.val_seeds} --test-seeds {args.test_seeds} --lr {args.lr} --batch {args.batch} \\
+  --sampler {args.sampler}{' --init-from ' + args.init_from if args.init_from else ''}`
+- Initialised from: {meta.get('training', {}).get('init_from', 'random weights (torch seed 0)')}.
 - Data: phantoms `vocoslicer.data.phantom.generate_phantom(seed, random_orientation=True)`, training seeds
   {args.train_seeds}, validation seeds {args.val_seeds} (model selection), held-out test seeds {args.test_seeds}.
-- Preprocessing: RAS, {PREPROCESSING['spacing']} mm, HU window -1000..1000 → 0..1. Crops 64³ (pos/neg 1:1),
+- Preprocessing: RAS, {PREPROCESSING['spacing']} mm, HU window -1000..1000 → 0..1. Crops 64³ ({crops}),
   batch {args.batch}, DiceCE, AdamW lr {args.lr} (amsgrad), warmup {args.warmup} steps then cosine, CPU fp32.
 - Training {meta.get('training', {}).get('stopped')}; best validation step {meta.get('metrics', {}).get('step')}:
   val Dice {meta.get('metrics', {}).get('val_dice')}.
@@ -116,6 +119,11 @@ def main() -> int:
     ap.add_argument("--run-dir", default=str(REPO / "runs" / "demo_model"))
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--version", default="1.0.0", help="version written into the bundle")
+    ap.add_argument("--init-from", default=None,
+                    help="start from this bundle's weights (continue training an earlier demo model)")
+    ap.add_argument("--sampler", choices=("classes", "posneg"), default="classes",
+                    help="crop centres: every class equally often (default) or foreground/background 1:1")
     args = ap.parse_args()
 
     def seeds(spec: str) -> list[int]:
@@ -124,7 +132,7 @@ def main() -> int:
 
     t0 = time.time()
     channel_values = [0, *PHANTOM_LABELS.values]
-    meta = new_bundle_meta(DEMO_MODEL_ID, "1.0.0", "segmentation", "swinunetr", ARCH_ARGS,
+    meta = new_bundle_meta(DEMO_MODEL_ID, args.version, "segmentation", "swinunetr", ARCH_ARGS,
                            name="VoCoSlicer demo (phantom abdomen, 8 structures)",
                            preprocessing=PREPROCESSING, inference=INFERENCE, channel_values=channel_values,
                            parent=None, license="Apache-2.0",
@@ -137,12 +145,20 @@ def main() -> int:
     val = [prepare_case(c, PREPROCESSING, channel_values) for c in phantom_cases(seeds(args.val_seeds), True)]
     torch.manual_seed(0)
     model = build_model("swinunetr", ARCH_ARGS)
+    if args.init_from:
+        start = ModelBundle.load(args.init_from)
+        model.load_state_dict(start.state_dict())
+        meta["training"]["init_from"] = f"{start.meta['id']} v{start.meta['version']} " \
+                                        f"({start.meta.get('training', {}).get('stopped', '?')})"
+    meta["training"]["sampler"] = args.sampler
+    ratios = [1.0] * len(channel_values) if args.sampler == "classes" else None
     run_dir = Path(args.run_dir)
     best_dir = run_dir / "best_bundle"
     cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, amp="off", ckpt_every=args.eval_every,
                       eval_every=args.eval_every, log_every=10, seed=0, device="cpu", select_metric="val_dice")
     events = EventSink(run_dir / "events.jsonl", stdout=True)
-    trainer = Trainer(model, cfg, run_dir, dice_ce_step(), CropStream(train, INFERENCE["roi_size"], args.batch),
+    trainer = Trainer(model, cfg, run_dir, dice_ce_step(), CropStream(train, INFERENCE["roi_size"], args.batch,
+                                                                   class_ratios=ratios),
                       eval_fn=make_eval_fn(val, PHANTOM_LABELS, channel_values, INFERENCE["roi_size"]),
                       events=events, on_best=best_bundle_writer(template, best_dir))
     try:

@@ -61,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--confidence", type=float, default=0.9, help="min teacher probability of a pseudo-labelled "
                                                                   "voxel (default 0.9)")
     p.add_argument("--semi-weight", type=float, default=1.0, help="weight of the pseudo-label loss (default 1)")
+    p.add_argument("--sampler", choices=("classes", "posneg"), default="classes",
+                   help="labelled crop centres: each label equally often (default; small corrected structures get "
+                        "as many crops as the liver) or foreground/background 1:1 (the official BTCV recipe)")
     p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (default: steps/10)")
     p.add_argument("--patience", type=int, default=0, help="stop after N validations without improvement (0: off)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -86,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     opts = FinetuneOptions(
         cohort=args.cohort, init=args.init, out=args.out, steps=args.steps, lr=args.lr, batch=args.batch,
         roi=args.roi, semi=args.semi, semi_start=args.semi_start, confidence=args.confidence,
-        semi_weight=args.semi_weight, eval_every=args.eval_every, patience=args.patience, device=args.device,
+        semi_weight=args.semi_weight, sampler=args.sampler, eval_every=args.eval_every, patience=args.patience,
+        device=args.device,
         amp=args.amp, seed=args.seed, warmup_steps=args.warmup, grad_accum=args.grad_accum, compile=args.compile,
         model_id=args.model_id, feature_size=args.feature_size, preprocessing=_json_arg(args.preprocessing),
         install=not args.no_install, resume=args.resume)

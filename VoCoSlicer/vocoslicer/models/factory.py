@@ -62,3 +62,16 @@ def _swinunetr(**kwargs: Any) -> torch.nn.Module:
     from vocoslicer.models.swin import build_swinunetr
 
     return build_swinunetr(**kwargs)
+
+
+@register_architecture("unet")
+def _unet(in_channels: int = 1, out_channels: int = 2, channels: list[int] | tuple[int, ...] = (16, 32, 64, 128),
+          strides: list[int] | tuple[int, ...] = (2, 2, 2), num_res_units: int = 2, norm: str = "instance",
+          dropout: float = 0.0) -> torch.nn.Module:
+    """MONAI's residual 3-D UNet, so that bundles of a plain MONAI UNet (e.g. trained elsewhere, or the small
+    models of the CPU tests and benchmarks) can be segmented with and finetuned like VoCo's SwinUNETR."""
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=3, in_channels=int(in_channels), out_channels=int(out_channels),
+                channels=tuple(int(c) for c in channels), strides=tuple(int(s) for s in strides),
+                num_res_units=int(num_res_units), norm=norm, dropout=float(dropout))

@@ -64,6 +64,7 @@ class FinetuneOptions:
     semi_start: float = 0.5
     confidence: float = 0.9
     semi_weight: float = 1.0
+    sampler: str = "classes"  # crop centres: each label equally often | posneg (foreground/background 1:1)
     eval_every: int = 0  # 0: ten evaluations per run
     patience: int = 0
     device: str = "auto"
@@ -88,6 +89,8 @@ class FinetuneOptions:
             raise UserError(f"finetune: --semi-start must be in [0, 1), got {self.semi_start}")
         if not 0.0 < self.confidence <= 1.0:
             raise UserError(f"finetune: --confidence must be in (0, 1], got {self.confidence}")
+        if self.sampler not in ("classes", "posneg"):
+            raise UserError(f"finetune: --sampler must be 'classes' or 'posneg', got {self.sampler!r}")
         if self.roi is not None and (len(self.roi) != 3 or min(self.roi) < 16 or any(r % 32 for r in self.roi)):
             raise UserError(f"finetune: --roi must be three multiples of 32 (SwinUNETR), got {list(self.roi)}")
 
@@ -413,7 +416,8 @@ def run_finetune(opts: FinetuneOptions, events: EventSink = NULL_SINK,
         "n_train": len(train_p), "n_val": len(val_c), "n_unlabelled": len(unl_p),
         "val_cases": sorted(c.id for c in val_c), "steps": opts.steps, "lr": opts.lr, "batch": opts.batch,
         "roi": roi, "semi": bool(unl_p), "semi_start_step": semi_at, "confidence": opts.confidence,
-        "semi_weight": opts.semi_weight, "seed": opts.seed, "start_val_dice": round(float(start["val_dice"]), 4)}
+        "semi_weight": opts.semi_weight, "sampler": opts.sampler,
+        "seed": opts.seed, "start_val_dice": round(float(start["val_dice"]), 4)}
     meta = init.bundle_meta(model_id, version, roi, training_meta)
     atomic_write_json(state_path, {"model_id": model_id, "version": version, "cohort_version": cohort_version,
                                    "init": opts.init, "start_val_dice": start["val_dice"], "start_metrics": start,
@@ -421,7 +425,11 @@ def run_finetune(opts: FinetuneOptions, events: EventSink = NULL_SINK,
     template = ModelBundle(meta=meta, labels=init.labels)
     best_dir = out / "best_bundle"
     teacher = Teacher()
-    labelled_stream = CropStream(train_p, roi, opts.batch, seed=opts.seed)
+    # class-balanced crops by default: corrected cases are often corrections of a small structure, which 1:1
+    # foreground/background crops would rarely centre (measured on the demo model: stomach Dice 0 after 800
+    # pos/neg steps, 0.61 after 100 more class-balanced ones)
+    ratios = [1.0] * len(init.channel_values) if opts.sampler == "classes" else None
+    labelled_stream = CropStream(train_p, roi, opts.batch, seed=opts.seed, class_ratios=ratios)
     data = FinetuneStream(labelled_stream, unl_p, roi, opts.batch, seed=opts.seed)
     cfg = TrainConfig(steps=opts.steps, lr=opts.lr, weight_decay=opts.weight_decay, warmup_steps=opts.warmup_steps,
                       amp=opts.amp, grad_accum=opts.grad_accum, compile=opts.compile, ckpt_every=eval_every,
