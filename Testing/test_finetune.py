@@ -207,3 +207,58 @@ def test_class_balanced_crops_centre_small_structures() -> None:
     assert balanced > 0.25 and posneg < 0.15, (balanced, posneg)
     with pytest.raises(UserError, match="class_ratios"):
         CropStream([case], (32, 32, 32), class_ratios=[0, 0, 0])
+
+
+def test_voco_seg_model_trains_the_encoder_with_the_voco_loss() -> None:
+    """The VoCo term reaches the segmentation network's own encoder (not a copy) and moves the teacher head."""
+    from vocoslicer.models.voco_head import VoCoSegModel
+    from vocoslicer.ssl.voco import position_labels
+
+    torch.manual_seed(0)
+    net = build_model("swinunetr", ARGS)
+    model = VoCoSegModel(net, hidden_dim=32, out_dim=16).train()
+    assert model.net is net
+    teacher0 = [p.clone() for p in model.teacher.parameters()]
+    x = torch.rand(1, 1, 64, 64, 32)  # 64×64×32: the smallest crop whose bottleneck norm has > 1 voxel
+    rand, base = torch.rand(2, 1, 64, 64, 32), torch.rand(4, 1, 64, 64, 32)  # 1 volume, sw 2, grid 2
+    labels = torch.from_numpy(position_labels([[40, 50], [64, 64]], 2, 64)).float()[None]
+    logits, loss, parts = model(x, rand, base, labels)
+    assert logits.shape == (1, 9, 64, 64, 32) and torch.isfinite(loss) and set(parts) == {"intra", "inter", "reg"}
+    loss.backward()
+    assert net.swinViT.patch_embed.proj.weight.grad.abs().sum() > 0  # the encoder learns from VoCo
+    assert net.out.conv.conv.weight.grad is None  # the decoder does not (the logits are not in this loss)
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(teacher0, model.teacher.parameters(), strict=True))  # EMA
+    assert torch.equal(model(x).detach(), net(x).detach())  # plain forward = the segmentation network
+    with pytest.raises(TypeError, match="SwinUNETR"):
+        VoCoSegModel(build_model("unet", UNET))
+
+
+@pytest.mark.slow
+def test_finetune_with_voco_loss_term_resumes_and_writes_a_plain_bundle(tmp_path: Path, home: Path) -> None:
+    bundle = start_bundle(tmp_path / "start")
+    cohort = phantom_cohort(tmp_path / "cohort", labelled=2, unlabelled=1)
+    out = tmp_path / "run"
+    opts = dict(cohort=cohort.root, init=str(bundle), out=out, steps=3, lr=1e-3, batch=1, roi=[64, 64, 32],
+                semi_start=0.5, confidence=0.5, eval_every=3, device="cpu", amp="off", ssl_weight=0.5,
+                ssl_grid=2, ssl_sw=1)
+    polls = []
+    with pytest.raises(Cancelled):
+        run_finetune(FinetuneOptions(**opts), should_stop=lambda: polls.append(1) or len(polls) >= 1)
+    ck = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert ck["step"] == 1 and any(k.startswith("student.") for k in ck["model"])  # heads resume with the run
+    summary = run_finetune(FinetuneOptions(**opts, resume=True))
+    assert summary["steps"] == 3
+    train = [h for h in summary_history(out) if h["split"] == "train"]
+    assert train and all(torch.isfinite(torch.tensor(h["ssl"])) for h in train)
+    assert {"ssl_intra", "ssl_inter", "ssl_reg", "sup"} <= set(train[-1])
+    new = ModelBundle.load(summary["installed"])
+    assert new.meta["training"]["ssl_weight"] == 0.5 and new.meta["training"]["ssl_grid"] == 2
+    sd = new.state_dict()
+    assert not any(k.startswith(("net.", "student.", "teacher.")) for k in sd)  # a plain SwinUNETR bundle
+    new.build_model().load_state_dict(sd)
+    with pytest.raises(UserError, match="needs a SwinUNETR"):
+        unet = ModelBundle(meta=new_bundle_meta("u", "1.0.0", "segmentation", "unet", UNET, preprocessing=PRE,
+                                                channel_values=[0, *PHANTOM_LABELS.values]),
+                           labels=PHANTOM_LABELS).save(tmp_path / "unet", build_model("unet", UNET).state_dict())
+        run_finetune(FinetuneOptions(cohort.root, str(unet), tmp_path / "r_unet", ssl_weight=1.0))

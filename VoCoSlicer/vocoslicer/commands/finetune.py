@@ -61,6 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--confidence", type=float, default=0.9, help="min teacher probability of a pseudo-labelled "
                                                                   "voxel (default 0.9)")
     p.add_argument("--semi-weight", type=float, default=1.0, help="weight of the pseudo-label loss (default 1)")
+    p.add_argument("--ssl-weight", type=float, default=0.0,
+                   help="add the VoCo loss on crops of the unlabelled cases with this weight (SwinUNETR models; "
+                        "the omni-supervised recipe; default 0: off)")
+    p.add_argument("--ssl-grid", type=int, default=2, help="VoCo base-crop grid n (n² base crops, default 2)")
+    p.add_argument("--ssl-sw", type=int, default=2, help="VoCo random crops per volume (default 2)")
     p.add_argument("--sampler", choices=("classes", "posneg"), default="classes",
                    help="labelled crop centres: each label equally often (default; small corrected structures get "
                         "as many crops as the liver) or foreground/background 1:1 (the official BTCV recipe)")
@@ -89,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     opts = FinetuneOptions(
         cohort=args.cohort, init=args.init, out=args.out, steps=args.steps, lr=args.lr, batch=args.batch,
         roi=args.roi, semi=args.semi, semi_start=args.semi_start, confidence=args.confidence,
-        semi_weight=args.semi_weight, sampler=args.sampler, eval_every=args.eval_every, patience=args.patience,
+        semi_weight=args.semi_weight, sampler=args.sampler, ssl_weight=args.ssl_weight,
+        ssl_grid=args.ssl_grid, ssl_sw=args.ssl_sw, eval_every=args.eval_every, patience=args.patience,
         device=args.device,
         amp=args.amp, seed=args.seed, warmup_steps=args.warmup, grad_accum=args.grad_accum, compile=args.compile,
         model_id=args.model_id, feature_size=args.feature_size, preprocessing=_json_arg(args.preprocessing),

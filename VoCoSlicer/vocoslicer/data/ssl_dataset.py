@@ -65,16 +65,25 @@ class VoCoCropDataset(Dataset):
         entry = self.entries[idx % len(self.entries)]
         rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
         values, dst = read_region(self._array(entry), g.region, rng)
-        region = np.zeros((1, *g.region), dtype=np.float32)  # 0 = the bottom of the intensity window
-        region[(0, *dst)] = self.cache.cfg.to_unit(values)
-        centres = sample_random_centres(rng, g.sw, g.n, g.roi)
-        labels = position_labels(centres, g.n, g.roi)
-        rand, base = cut_crops(region, centres, g.n, g.roi)
-        if self.augment:
-            rand = np.stack([augment_crop(c, rng) for c in rand])
-            base = np.stack([augment_crop(c, rng) for c in base])
-        return {"random": torch.from_numpy(rand), "base": torch.from_numpy(base),
-                "labels": torch.from_numpy(labels.astype(np.float32))}
+        return voco_sample(self.cache.cfg.to_unit(values), dst, g, rng, self.augment)
+
+
+def voco_sample(values: np.ndarray, dst: tuple, g: VoCoGeometry, rng: np.random.Generator,
+                augment: bool = True) -> dict[str, torch.Tensor]:
+    """Random + base crops and position labels of one region (``values`` in 0..1, placed at ``dst`` of it).
+
+    Shared by pretraining and by finetuning's VoCo loss term so that both see exactly the same crops.
+    """
+    region = np.zeros((1, *g.region), dtype=np.float32)  # 0 = the bottom of the intensity window
+    region[(0, *dst)] = values
+    centres = sample_random_centres(rng, g.sw, g.n, g.roi)
+    labels = position_labels(centres, g.n, g.roi)
+    rand, base = cut_crops(region, centres, g.n, g.roi)
+    if augment:
+        rand = np.stack([augment_crop(c, rng) for c in rand])
+        base = np.stack([augment_crop(c, rng) for c in base])
+    return {"random": torch.from_numpy(rand), "base": torch.from_numpy(base),
+            "labels": torch.from_numpy(labels.astype(np.float32))}
 
 
 def voco_loader(dataset: Dataset, batch: int, workers: int = 0, world_size: int = 1, rank: int = 0,

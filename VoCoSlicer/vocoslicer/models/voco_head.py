@@ -45,10 +45,63 @@ class SwinEncoder(nn.Module):
         return 24 * self.feature_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - documented on the class
-        hidden = self.swinViT(x, self.normalize)
-        feats = (self.encoder1(x), self.encoder2(hidden[0]), self.encoder3(hidden[1]), self.encoder4(hidden[2]),
-                 self.encoder10(hidden[4]))
-        return torch.cat([f.mean(dim=(2, 3, 4)) for f in feats], dim=1)
+        return swin_embedding(self, x)
+
+
+def swin_embedding(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The pooled VoCo embedding computed with the encoder modules of ``net`` (a SwinUNETR or a SwinEncoder).
+
+    Shared by pretraining and by finetuning's VoCo loss term, which must embed crops with the very modules the
+    segmentation network trains, not with a copy.
+    """
+    hidden = net.swinViT(x, bool(getattr(net, "normalize", True)))
+    feats = (net.encoder1(x), net.encoder2(hidden[0]), net.encoder3(hidden[1]), net.encoder4(hidden[2]),
+             net.encoder10(hidden[4]))
+    return torch.cat([f.mean(dim=(2, 3, 4)) for f in feats], dim=1)
+
+
+class VoCoSegModel(nn.Module):
+    """A segmentation SwinUNETR plus VoCo v2 projection heads on its encoder: the omni-supervised form
+    (voco_spec.md §7.2), used when finetuning adds the VoCo loss on unlabelled crops.
+
+    ``forward(x)`` is the plain segmentation forward (sliding-window validation, the pseudo-label teacher);
+    ``forward(x, random, base, labels)`` also returns the VoCo loss of those crops, in the same call so that DDP
+    sees one forward per backward. Only :attr:`net` becomes the finetuned bundle; the heads live in checkpoints.
+    """
+
+    def __init__(self, net: nn.Module, hidden_dim: int = 1024, out_dim: int = 1024, momentum: float = 0.9,
+                 embed_dropout: float = 0.2) -> None:
+        super().__init__()
+        if not all(hasattr(net, m) for m in BACKBONE_MODULES):
+            raise TypeError("VoCoSegModel needs a SwinUNETR (swinViT + encoder1-4, encoder10)")
+        self.net = net
+        d = 24 * int(net.swinViT.embed_dim)
+        self.student = ProjectionHead(d, hidden_dim, out_dim)
+        self.teacher = ProjectionHead(d, hidden_dim, out_dim)  # own initialisation, as in VoCoHead (official)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.momentum, self.embed_dropout = float(momentum), float(embed_dropout)
+
+    def forward(self, x: torch.Tensor, random_crops: torch.Tensor | None = None,
+                base_crops: torch.Tensor | None = None, labels: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:  # noqa: D102
+        logits = self.net(x)
+        if random_crops is None or base_crops is None or labels is None:
+            return logits
+        bsz, sw, nb = labels.shape
+        emb = swin_embedding(self.net, torch.cat([random_crops, base_crops], dim=0))
+        if self.training:
+            with torch.no_grad():
+                t = list(self.teacher.parameters())
+                torch._foreach_lerp_(t, [p.detach() for p in self.student.parameters()], 1.0 - self.momentum)
+        student = self.student(F.dropout1d(emb, self.embed_dropout, training=True))  # official: always on
+        with torch.no_grad():
+            teacher = self.teacher(emb.detach())
+        n_rand = bsz * sw
+        loss, parts = voco_v2_loss(student[:n_rand].reshape(bsz, sw, -1), student[n_rand:].reshape(bsz, nb, -1),
+                                   teacher[:n_rand].reshape(bsz, sw, -1), teacher[n_rand:].reshape(bsz, nb, -1),
+                                   labels.to(student.dtype))
+        return logits, loss, parts
 
 
 class ProjectionHead(nn.Module):

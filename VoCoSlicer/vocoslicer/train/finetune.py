@@ -65,6 +65,9 @@ class FinetuneOptions:
     confidence: float = 0.9
     semi_weight: float = 1.0
     sampler: str = "classes"  # crop centres: each label equally often | posneg (foreground/background 1:1)
+    ssl_weight: float = 0.0  # > 0: add the VoCo v2 loss on unlabelled crops (omni-supervised, voco_spec §7.2)
+    ssl_grid: int = 2  # VoCo base-crop grid n (n² base crops; official pretraining uses 3)
+    ssl_sw: int = 2  # VoCo random crops per volume
     eval_every: int = 0  # 0: ten evaluations per run
     patience: int = 0
     device: str = "auto"
@@ -89,6 +92,8 @@ class FinetuneOptions:
             raise UserError(f"finetune: --semi-start must be in [0, 1), got {self.semi_start}")
         if not 0.0 < self.confidence <= 1.0:
             raise UserError(f"finetune: --confidence must be in (0, 1], got {self.confidence}")
+        if self.ssl_weight < 0 or self.ssl_grid < 1 or self.ssl_sw < 1:
+            raise UserError("finetune: --ssl-weight must be >= 0, --ssl-grid and --ssl-sw >= 1")
         if self.sampler not in ("classes", "posneg"):
             raise UserError(f"finetune: --sampler must be 'classes' or 'posneg', got {self.sampler!r}")
         if self.roi is not None and (len(self.roi) != 3 or min(self.roi) < 16 or any(r % 32 for r in self.roi)):
@@ -267,13 +272,28 @@ class Teacher:
 
 
 class FinetuneStream(torch.utils.data.IterableDataset):
-    """Labelled crop batches (``image``, ``label``) plus, when given, unlabelled crops (``u_image``)."""
+    """Labelled crop batches (``image``, ``label``) plus, when given, unlabelled crops (``u_image``) and VoCo
+    crops of ``ssl_cases`` (``ssl_random``, ``ssl_base``, ``ssl_labels``: ``u_batch`` volumes, official layout)."""
 
     def __init__(self, labelled: CropStream, unlabelled: Sequence[PreparedCase], roi: Sequence[int],
-                 u_batch: int, seed: int = 0) -> None:
+                 u_batch: int, seed: int = 0, ssl_geometry: Any = None,
+                 ssl_cases: Sequence[PreparedCase] = ()) -> None:
         super().__init__()
         self.labelled, self.unlabelled = labelled, list(unlabelled)
         self.roi, self.u_batch, self.seed = tuple(int(r) for r in roi), int(u_batch), seed
+        self.ssl_geometry, self.ssl_cases = ssl_geometry, list(ssl_cases)
+
+    def _voco_batch(self, rng: random.Random, nrng: Any) -> dict[str, torch.Tensor]:
+        from vocoslicer.data.ssl_dataset import read_region, voco_sample
+
+        g = self.ssl_geometry
+        items = []
+        for _ in range(self.u_batch):
+            values, dst = read_region(rng.choice(self.ssl_cases).image[0].numpy(), g.region, nrng)
+            items.append(voco_sample(values, dst, g, nrng))
+        return {"ssl_random": torch.cat([it["random"] for it in items]),
+                "ssl_base": torch.cat([it["base"] for it in items]),
+                "ssl_labels": torch.stack([it["labels"] for it in items])}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         from monai.transforms import Compose, RandSpatialCrop, SpatialPad
@@ -283,16 +303,22 @@ class FinetuneStream(torch.utils.data.IterableDataset):
         rng = random.Random(self.seed * 1000 + wid + 17)
         crop = Compose([SpatialPad(self.roi), RandSpatialCrop(self.roi, random_size=False)])
         crop.set_random_state(seed=self.seed * 1000 + wid + 17)
+        import numpy as np
+
+        nrng = np.random.default_rng(self.seed * 1000 + wid + 29)
         for batch in self.labelled:
             if self.unlabelled:
                 batch["u_image"] = torch.stack([torch.as_tensor(crop(rng.choice(self.unlabelled).image)).float()
                                                 for _ in range(self.u_batch)])
+            if self.ssl_geometry is not None and self.ssl_cases:
+                batch.update(self._voco_batch(rng, nrng))
             yield batch
 
 
-def semi_step(teacher: Teacher, confidence: float, semi_weight: float
+def semi_step(teacher: Teacher, confidence: float, semi_weight: float, ssl_weight: float = 0.0
               ) -> Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]:
-    """Step function: DiceCE on labelled crops (+ masked pseudo-label DiceCE once the teacher exists)."""
+    """Step function: DiceCE on labelled crops (+ masked pseudo-label DiceCE once the teacher exists, + the VoCo
+    loss on the batch's VoCo crops when ``ssl_weight`` > 0 and the model is a :class:`VoCoSegModel`)."""
     from monai.losses import DiceCELoss
 
     sup_loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
@@ -300,23 +326,34 @@ def semi_step(teacher: Teacher, confidence: float, semi_weight: float
     def step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         x = batch["image"]
         use_semi = teacher.active and "u_image" in batch
-        if use_semi:
-            xu = batch["u_image"]
-            logits = model(torch.cat([x, xu]))
-            logits_l, logits_u = logits[: len(x)], logits[len(x):]
+        use_ssl = ssl_weight > 0 and "ssl_random" in batch
+        xin = torch.cat([x, batch["u_image"]]) if use_semi else x
+        parts: dict[str, Any] = {}
+        if use_ssl:  # one forward for everything: DDP allows one forward per backward
+            logits, ssl, ssl_parts = model(xin, batch["ssl_random"], batch["ssl_base"], batch["ssl_labels"])
+            parts.update({"ssl": ssl.detach(), **{f"ssl_{k}": v.detach() for k, v in ssl_parts.items()}})
         else:
-            logits_l = model(x)
-        sup = sup_loss(logits_l.float(), batch["label"])
-        if not use_semi:
-            return sup, {"sup": sup.detach()}
-        assert teacher.model is not None
-        with torch.no_grad():
-            pseudo, mask = confident_pseudo_labels(teacher.model(xu), confidence)
-        semi = masked_dice_ce(logits_u, pseudo, mask)
-        return sup + semi_weight * semi, {"sup": sup.detach(), "semi": semi.detach(),
-                                          "confident": mask.float().mean().detach()}
+            logits = model(xin)
+        sup = sup_loss(logits[: len(x)].float(), batch["label"])
+        loss = sup + ssl_weight * ssl if use_ssl else sup
+        parts["sup"] = sup.detach()
+        if use_semi:
+            assert teacher.model is not None
+            with torch.no_grad():
+                pseudo, mask = confident_pseudo_labels(teacher.model(batch["u_image"]), confidence)
+            semi = masked_dice_ce(logits[len(x):], pseudo, mask)
+            loss = loss + semi_weight * semi
+            parts.update({"semi": semi.detach(), "confident": mask.float().mean().detach()})
+        return loss, parts
 
     return step
+
+
+def seg_network(model: torch.nn.Module) -> torch.nn.Module:
+    """The network that becomes the bundle (a :class:`VoCoSegModel`'s ``net``; any other model itself)."""
+    from vocoslicer.models.voco_head import VoCoSegModel
+
+    return model.net if isinstance(model, VoCoSegModel) else model
 
 
 def _new_version(model_id: str, parent: dict[str, Any] | None) -> str:
@@ -394,9 +431,26 @@ def run_finetune(opts: FinetuneOptions, events: EventSink = NULL_SINK,
     roi = [int(r) for r in (opts.roi or init.roi)]
     train_p = _prepare(train_c, init, True, events)
     val_p = train_p if val_c is train_c else _prepare(val_c, init, True, events)
-    unl_p = _prepare(unl_c, init, False, events) if opts.semi and unl_c else []
+    use_ssl = opts.ssl_weight > 0
+    unl_all = _prepare(unl_c, init, False, events) if (opts.semi or use_ssl) and unl_c else []
+    unl_p = unl_all if opts.semi else []
     if opts.semi and not unl_p:
         events.warning("semi-supervised stage skipped: the cohort has no unlabelled cases")
+    ssl_geometry = None
+    if use_ssl:
+        from vocoslicer.models.voco_head import VoCoSegModel
+        from vocoslicer.ssl.voco import VoCoGeometry
+
+        if init.arch[0] != "swinunetr":
+            raise UserError(f"--ssl-weight needs a SwinUNETR model (VoCo's backbone); {init.describe} is a "
+                            f"{init.arch[0]}")
+        roi_now = [int(r) for r in (opts.roi or init.roi)]
+        if roi_now[0] != roi_now[1]:
+            raise UserError(f"--ssl-weight: VoCo crops are square in-plane; the ROI {roi_now} is not")
+        ssl_geometry = VoCoGeometry(roi=roi_now[0], n=opts.ssl_grid, sw=opts.ssl_sw, depth=roi_now[2])
+        if not unl_all:
+            events.warning("VoCo loss on the labelled training images: the cohort has no unlabelled cases")
+        model = VoCoSegModel(model)
     model_id = saved.get("model_id") or opts.model_id or init.default_id(cohort.root.name)
     version = saved.get("version") or _new_version(model_id, init.parent)
     eval_every = opts.eval_every or max(1, opts.steps // 10)
@@ -417,6 +471,7 @@ def run_finetune(opts: FinetuneOptions, events: EventSink = NULL_SINK,
         "val_cases": sorted(c.id for c in val_c), "steps": opts.steps, "lr": opts.lr, "batch": opts.batch,
         "roi": roi, "semi": bool(unl_p), "semi_start_step": semi_at, "confidence": opts.confidence,
         "semi_weight": opts.semi_weight, "sampler": opts.sampler,
+        "ssl_weight": opts.ssl_weight, **({"ssl_grid": opts.ssl_grid, "ssl_sw": opts.ssl_sw} if use_ssl else {}),
         "seed": opts.seed, "start_val_dice": round(float(start["val_dice"]), 4)}
     meta = init.bundle_meta(model_id, version, roi, training_meta)
     atomic_write_json(state_path, {"model_id": model_id, "version": version, "cohort_version": cohort_version,
@@ -430,7 +485,13 @@ def run_finetune(opts: FinetuneOptions, events: EventSink = NULL_SINK,
     # pos/neg steps, 0.61 after 100 more class-balanced ones)
     ratios = [1.0] * len(init.channel_values) if opts.sampler == "classes" else None
     labelled_stream = CropStream(train_p, roi, opts.batch, seed=opts.seed, class_ratios=ratios)
-    data = FinetuneStream(labelled_stream, unl_p, roi, opts.batch, seed=opts.seed)
+    data = FinetuneStream(labelled_stream, unl_p, roi, opts.batch, seed=opts.seed, ssl_geometry=ssl_geometry,
+                          ssl_cases=(unl_all or train_p) if use_ssl else ())
+    write_best = best_bundle_writer(template, best_dir)
+
+    def on_best(module: torch.nn.Module, step: int, metrics: dict[str, float]) -> None:
+        write_best(seg_network(module), step, metrics)
+
     cfg = TrainConfig(steps=opts.steps, lr=opts.lr, weight_decay=opts.weight_decay, warmup_steps=opts.warmup_steps,
                       amp=opts.amp, grad_accum=opts.grad_accum, compile=opts.compile, ckpt_every=eval_every,
                       eval_every=eval_every, log_every=max(1, min(10, eval_every)), seed=opts.seed,
@@ -438,22 +499,22 @@ def run_finetune(opts: FinetuneOptions, events: EventSink = NULL_SINK,
 
     def after_step(module: torch.nn.Module, step: int) -> None:
         if semi_at is not None and step == semi_at and not teacher.active:
-            teacher.freeze_copy_of(module, step)
+            teacher.freeze_copy_of(seg_network(module), step)
             events.log(f"step {step}: teacher frozen, semi-supervised stage starts "
                        f"(confidence ≥ {opts.confidence})")
 
-    trainer = Trainer(model, cfg, out, semi_step(teacher, opts.confidence, opts.semi_weight), data,
+    trainer = Trainer(model, cfg, out, semi_step(teacher, opts.confidence, opts.semi_weight, opts.ssl_weight), data,
                       eval_fn=eval_fn, events=events, extra_state={"teacher": teacher},
-                      on_best=best_bundle_writer(template, best_dir), after_step=after_step,
+                      on_best=on_best, after_step=after_step,
                       should_stop=should_stop)
-    teacher.student = trainer.model
+    teacher.student = seg_network(trainer.model)
     if semi_at == 0:
-        teacher.freeze_copy_of(trainer.model, 0)
+        teacher.freeze_copy_of(seg_network(trainer.model), 0)
     result = trainer.fit(resume=opts.resume and bool(saved))
     if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun only rank 0 writes and installs the bundle
         return {"id": model_id, "version": version, "steps": result["step"], "rank": int(os.environ["RANK"])}
     if not (best_dir / "model.json").is_file():  # no validation improved on nothing: keep the final weights
-        best_bundle_writer(template, best_dir)(trainer.model, result["step"], {"val_dice": float("nan")})
+        write_best(seg_network(trainer.model), result["step"], {"val_dice": float("nan")})
     best = ModelBundle.load(best_dir)
     summary: dict[str, Any] = {"bundle": str(best_dir), "id": model_id, "version": version,
                                "best_val_dice": result["best"], "best_step": result["best_step"],
