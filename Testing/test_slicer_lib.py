@@ -87,6 +87,9 @@ def test_segment_and_finetune_args_are_accepted_by_the_engine_parser():
     f = params.FinetuneParams(baseModel="demo", cohortDir="/c", steps=7, semiSupervised=False)
     ns = build_parser().parse_args(f.args("/runs/ft", resume=True))
     assert (ns.cohort, ns.init, ns.out, ns.steps, ns.semi, ns.resume) == ("/c", "demo", "/runs/ft", 7, False, True)
+    assert ns.ssl_weight == 0.0
+    ns = build_parser().parse_args(params.FinetuneParams(baseModel="demo", cohortDir="/c", vocoLoss=True).args("/r"))
+    assert ns.ssl_weight == 1.0 and ns.semi
 
 
 def test_cohort_args_match_the_engine_parser(tmp_path):

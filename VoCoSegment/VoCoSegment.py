@@ -67,6 +67,7 @@ class VoCoSegmentParameterNode:
     learningRate: Annotated[float, WithinRange(1e-6, 0.1)] = 1e-4
     batchSize: Annotated[int, WithinRange(1, 64)] = 2
     semiSupervised: bool = True
+    vocoLoss: bool = False
 
 
 class VoCoSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -331,7 +332,8 @@ class VoCoSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             base = pn.model or DEMO_MODEL_ID
             params = FinetuneParams(baseModel=base, cohortDir=self._cohortParams().cohortDir, steps=pn.steps,
                                     learningRate=pn.learningRate, batchSize=pn.batchSize,
-                                    semiSupervised=pn.semiSupervised, device=pn.device)
+                                    semiSupervised=pn.semiSupervised, vocoLoss=pn.vocoLoss,
+                                    device=pn.device)
             runDir = new_run_dir("finetune")
             self._finetuneBase = base
             self.finetuneDriver.start([params.args(str(runDir))], run_dir=runDir, detached=True,

@@ -109,6 +109,7 @@ class FinetuneParams:
     learningRate: float = 1e-4  # noqa: N815
     batchSize: int = 2  # noqa: N815
     semiSupervised: bool = True  # noqa: N815 - also learn from unlabelled cases (confident pseudo-labels)
+    vocoLoss: bool = False  # noqa: N815 - add the VoCo loss on unlabelled crops (SwinUNETR models, weight 1)
     device: str = "auto"
 
     def args(self, out_dir: str, resume: bool = False) -> list[str]:
@@ -124,6 +125,8 @@ class FinetuneParams:
         args = ["finetune", "--cohort", self.cohortDir, "--init", self.baseModel, "--out", str(out_dir),
                 "--steps", str(self.steps), "--lr", f"{self.learningRate:g}", "--batch", str(self.batchSize),
                 "--semi" if self.semiSupervised else "--no-semi", "--device", self.device]
+        if self.vocoLoss:
+            args += ["--ssl-weight", "1"]
         return [*args, "--resume"] if resume else args
 
 
