@@ -49,8 +49,9 @@ def pretrain(work: Path, unl_dir: Path, a: argparse.Namespace) -> Path:
     if (run / "backbone" / "model.json").is_file():
         return run / "backbone"
     cmd = [sys.executable, "-m", "vocoslicer", "pretrain", "voco", "--data", str(unl_dir), "--out", str(run),
-           "--feature-size", str(a.feature_size), "--steps", str(a.pretrain_steps), "--batch", "1", "--sw", "2",
-           "--crop", "64", "--grid", "2", "--spacing", str(a.spacing), "--window=-1000,1000", "--device",
+           "--feature-size", str(a.feature_size), "--steps", str(a.pretrain_steps), "--batch", "2", "--sw", "2",
+           "--crop", str(a.roi[0]), "--depth", str(a.roi[2]), "--grid", str(a.grid),
+           "--spacing", str(a.spacing), "--window=-1000,1000", "--device",
            a.device, "--amp", "off" if a.device == "cpu" else "auto", "--seed", "0", "--workers", "0"]
     print("pretraining:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -82,6 +83,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--spacing", type=float, default=4.0, help="phantom and model spacing in mm")
+    ap.add_argument("--roi", default="64,64,64", help="finetune ROI X,Y,Z = VoCo crop (X) and depth (Z)")
+    ap.add_argument("--grid", type=int, default=2, help="VoCo base-crop grid of the pretraining")
     ap.add_argument("--feature-size", type=int, default=12)
     ap.add_argument("--test-cases", type=int, default=2)
     ap.add_argument("--confidence", type=float, default=0.9)
@@ -90,6 +93,9 @@ def main() -> int:
     ap.add_argument("--work", default="runs/bench_label_efficiency")
     ap.add_argument("--results-md", default=None, help="append the table to this markdown file")
     a = ap.parse_args()
+    a.roi = ints(a.roi)
+    if len(a.roi) != 3 or a.roi[0] != a.roi[1]:
+        ap.error("--roi: three sizes, X = Y (VoCo crops are square in-plane)")
     methods = [m for m in a.methods.split(",") if m]
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -125,7 +131,7 @@ def main() -> int:
                 if not (out / "summary.json").is_file():
                     init = "scratch" if m == "scratch" else str(backbone)
                     opts = FinetuneOptions(cohort=cdir, init=init, out=out, steps=a.steps, lr=a.lr, batch=a.batch,
-                                           roi=[64, 64, 64], semi=m == "voco+semi", confidence=a.confidence,
+                                           roi=a.roi, semi=m == "voco+semi", confidence=a.confidence,
                                            eval_every=max(1, a.steps // 5), device=a.device, seed=seed,
                                            amp="off" if a.device == "cpu" else "auto",
                                            model_id=f"bench-{m.replace('+', '-')}", feature_size=a.feature_size,

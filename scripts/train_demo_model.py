@@ -148,8 +148,10 @@ def main() -> int:
     if args.init_from:
         start = ModelBundle.load(args.init_from)
         model.load_state_dict(start.state_dict())
-        meta["training"]["init_from"] = f"{start.meta['id']} v{start.meta['version']} " \
-                                        f"({start.meta.get('training', {}).get('stopped', '?')})"
+        st = start.meta.get("training", {})
+        meta["training"]["init_from"] = (f"{start.meta['id']} v{start.meta['version']} ({st.get('stopped', '?')}, "
+                                         f"sampler {st.get('sampler', 'posneg')}; its command: "
+                                         f"`{st.get('command', '?')}`)")
     meta["training"]["sampler"] = args.sampler
     ratios = [1.0] * len(channel_values) if args.sampler == "classes" else None
     run_dir = Path(args.run_dir)
