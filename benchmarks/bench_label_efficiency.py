@@ -5,7 +5,8 @@ For each k (labelled training cases) and each seed, one cohort holds k labelled 
 
 - ``scratch``: random SwinUNETR, supervised only (the baseline);
 - ``voco``: encoder from ``vocoslicer pretrain voco`` on the U unlabelled phantoms, supervised only;
-- ``voco+semi``: the same start, plus the confident pseudo-label stage on the unlabelled cases.
+- ``voco+semi``: the same start, plus the confident pseudo-label stage on the unlabelled cases;
+- ``voco+semi+ssl`` (optional): also the VoCo loss on unlabelled crops during finetuning (``--ssl-weight 1``).
 
 Every resulting bundle segments held-out test phantoms through the real inference pipeline; the table shows the
 mean Dice over labels and test cases, averaged over seeds, and each method's ratio to ``scratch``.
@@ -36,6 +37,7 @@ from vocoslicer.models.bundle import ModelBundle
 from vocoslicer.train.finetune import FinetuneOptions, run_finetune
 
 METHODS = ("scratch", "voco", "voco+semi")
+OPTIONAL_METHODS = ("voco+semi+ssl",)  # --methods ...,voco+semi+ssl: also the VoCo loss on unlabelled crops
 
 
 def ints(text: str) -> list[int]:
@@ -89,7 +91,8 @@ def main() -> int:
     ap.add_argument("--test-cases", type=int, default=2)
     ap.add_argument("--confidence", type=float, default=0.9)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma list of {', '.join(METHODS + OPTIONAL_METHODS)}; the first is the ratios' baseline")
     ap.add_argument("--work", default="runs/bench_label_efficiency")
     ap.add_argument("--results-md", default=None, help="append the table to this markdown file")
     a = ap.parse_args()
@@ -97,6 +100,9 @@ def main() -> int:
     if len(a.roi) != 3 or a.roi[0] != a.roi[1]:
         ap.error("--roi: three sizes, X = Y (VoCo crops are square in-plane)")
     methods = [m for m in a.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS + OPTIONAL_METHODS))
+    if unknown:
+        ap.error(f"--methods: unknown {', '.join(unknown)}")
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     import os
@@ -131,7 +137,8 @@ def main() -> int:
                 if not (out / "summary.json").is_file():
                     init = "scratch" if m == "scratch" else str(backbone)
                     opts = FinetuneOptions(cohort=cdir, init=init, out=out, steps=a.steps, lr=a.lr, batch=a.batch,
-                                           roi=a.roi, semi=m == "voco+semi", confidence=a.confidence,
+                                           roi=a.roi, semi=m.startswith("voco+semi"), confidence=a.confidence,
+                                           ssl_weight=1.0 if m.endswith("+ssl") else 0.0,
                                            eval_every=max(1, a.steps // 5), device=a.device, seed=seed,
                                            amp="off" if a.device == "cpu" else "auto",
                                            model_id=f"bench-{m.replace('+', '-')}", feature_size=a.feature_size,
