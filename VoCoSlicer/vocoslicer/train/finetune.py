@@ -417,6 +417,11 @@ def run_finetune(opts: FinetuneOptions, events: EventSink = NULL_SINK,
         saved = json.loads(state_path.read_text(encoding="utf-8"))
     elif opts.resume:
         events.warning(f"nothing to resume in {out}; starting a new finetune")
+    was_ssl = float((saved.get("options") or {}).get("ssl_weight", 0.0) or 0.0) > 0
+    if saved and was_ssl != (opts.ssl_weight > 0):
+        heads = "the VoCo heads" if was_ssl else "no VoCo heads"
+        raise UserError(f"{out}: this run was started {'with' if was_ssl else 'without'} --ssl-weight; resume it "
+                        f"the same way (its checkpoints hold {heads})")
     cohort = Cohort(opts.cohort)
     if cohort.warning:
         events.warning(cohort.warning)
