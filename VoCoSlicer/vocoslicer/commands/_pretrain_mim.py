@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vocoslicer.commands._jobsetup import job_setup
 from vocoslicer.commands._pretrain_tokenizer import (
     add_common,
-    job_setup,
     load_items,
     parse_crop,
     relaunch_with_torchrun,

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vocoslicer.commands._jobsetup import job_setup
 from vocoslicer.errors import UserError
 
 
@@ -72,24 +73,6 @@ def relaunch_with_torchrun(args: argparse.Namespace) -> int | None:
         if not a.startswith("--gpus="):
             argv.append(a)
     return subprocess.call(torchrun_command(["vocoslicer", *argv], args.gpus))
-
-
-def job_setup(args: argparse.Namespace) -> tuple[Path, Any, Any]:
-    """(run_dir, events, should_stop) from ``--out`` and the job context."""
-    from vocoslicer.jobs.context import current_job
-    from vocoslicer.jobs.events import EventSink
-
-    job = current_job()
-    run_dir = args.out or job.run_dir
-    if run_dir is None:
-        raise UserError("give --out RUNDIR (or the global --run-dir) for checkpoints and the exported model")
-    run_dir = Path(run_dir).expanduser().resolve()
-    events = job.events
-    if job.run_dir is None or run_dir != Path(job.run_dir).resolve():
-        rank = int(os.environ.get("RANK", "0") or 0)
-        events = EventSink(path=run_dir / "events.jsonl", stdout=getattr(args, "job_events", "none") == "stdout",
-                           rank=rank)
-    return run_dir, events, job.should_stop
 
 
 def train_config(args: argparse.Namespace, grad_clip: float | None, warmup_fraction: float) -> Any:

@@ -106,18 +106,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
         return subprocess.call(cmd)
 
-    from vocoslicer.jobs.context import current_job
-    from vocoslicer.jobs.events import EventSink
+    from vocoslicer.commands._jobsetup import job_setup
 
-    job = current_job()
-    run_dir = args.out or job.run_dir
-    if run_dir is None:
-        raise UserError("give --out RUNDIR (or the global --run-dir) for checkpoints and the exported backbone")
-    run_dir = Path(run_dir).expanduser().resolve()
-    events = job.events
-    if job.run_dir is None or run_dir != Path(job.run_dir).resolve():
-        events = EventSink(path=run_dir / "events.jsonl", stdout=getattr(args, "job_events", "none") == "stdout",
-                           rank=int(os.environ.get("RANK", "0") or 0))
+    run_dir, events, should_stop = job_setup(args, "the exported backbone")
 
     from vocoslicer.train.pretrain_voco import export_from_run
 
@@ -150,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
                         amp=args.amp, grad_accum=args.accum, compile=args.compile, ckpt_every=args.ckpt_every,
                         log_every=args.log_every, seed=args.seed, device=args.device)
     result = pretrain_voco(args.data, run_dir, recipe, train, resume=args.resume, events=events,
-                           should_stop=job.should_stop)
+                           should_stop=should_stop)
     if result.get("bundle"):
         print(f"VoCo backbone bundle: {result['bundle']} (step {result['step']})", file=sys.stderr)
     return 0

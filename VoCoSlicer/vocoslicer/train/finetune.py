@@ -13,11 +13,9 @@ new bundle version that records its parent, the cohort version and the Dice, ins
 
 from __future__ import annotations
 
-import copy
 import json
 import os
-import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,15 +26,9 @@ from vocoslicer.data.cohort import Cohort
 from vocoslicer.errors import UserError
 from vocoslicer.io.atomic import atomic_write_json
 from vocoslicer.jobs.events import NULL_SINK, EventSink
-from vocoslicer.labels import LabelTable
-from vocoslicer.models.bundle import (
-    DEFAULT_INFERENCE,
-    DEFAULT_PREPROCESSING,
-    ModelBundle,
-    new_bundle_meta,
-    sha256_file,
-)
-from vocoslicer.train.pseudo import confident_pseudo_labels, masked_dice_ce
+from vocoslicer.models.bundle import ModelBundle
+from vocoslicer.train.finetune_init import InitModel, resolve_init
+from vocoslicer.train.finetune_step import FinetuneStream, Teacher, seg_network, semi_step
 from vocoslicer.train.segmentation import (
     CropStream,
     PreparedCase,
@@ -45,6 +37,8 @@ from vocoslicer.train.segmentation import (
     make_eval_fn,
     prepare_case,
 )
+
+__all__ = ["FinetuneOptions", "InitModel", "resolve_init", "run_finetune"]
 
 STATE_FILE = "finetune.json"
 
@@ -99,261 +93,6 @@ class FinetuneOptions:
         if self.roi is not None and (len(self.roi) != 3 or min(self.roi) < 16 or any(r % 32 for r in self.roi)):
             raise UserError(f"finetune: --roi must be three multiples of 32 (SwinUNETR), got {list(self.roi)}")
 
-
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
-
-
-@dataclass
-class InitModel:
-    """Where finetuning starts: architecture, label outputs, preprocessing and how to load the first weights."""
-
-    kind: str  # bundle | backbone | checkpoint | scratch
-    arch: tuple[str, dict[str, Any]]
-    labels: LabelTable
-    channel_values: list[int]
-    preprocessing: dict[str, Any]
-    inference: dict[str, Any]
-    parent: dict[str, Any] | None
-    describe: str
-    load: Callable[[torch.nn.Module], None] | None = None
-
-    @property
-    def roi(self) -> list[int]:
-        """Crop / sliding-window size."""
-        return [int(r) for r in self.inference["roi_size"]]
-
-    def build(self) -> torch.nn.Module:
-        """The network with its starting weights."""
-        from vocoslicer.models.factory import build_model
-
-        model = build_model(*self.arch)
-        if self.load is not None:
-            self.load(model)
-        return model
-
-    def default_id(self, cohort_name: str) -> str:
-        """A finetuned bundle keeps its parent's id (a new version); otherwise it is named after the cohort."""
-        if self.kind == "bundle" and self.parent:
-            return str(self.parent["id"])
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in cohort_name) or "cohort"
-        return f"finetuned-{safe}"
-
-    def bundle_meta(self, model_id: str, version: str, roi: Sequence[int], training: dict[str, Any]
-                    ) -> dict[str, Any]:
-        """model.json of the finetuned bundle."""
-        name, args = self.arch
-        return new_bundle_meta(model_id, version, "segmentation", name, args,
-                               name=f"{model_id} (finetuned on cohort {Path(training['cohort']).name})",
-                               preprocessing=self.preprocessing, inference={**self.inference, "roi_size": list(roi)},
-                               channel_values=self.channel_values, parent=self.parent, training=training)
-
-
-def _scratch_arch(labels: LabelTable, feature_size: int | None, in_channels: int = 1) -> tuple[str, dict[str, Any]]:
-    return "swinunetr", {"size": None, "feature_size": int(feature_size or 48), "in_channels": in_channels,
-                         "out_channels": len(labels) + 1, "patch_merging": "legacy"}
-
-
-def _backbone_loader(state: dict[str, torch.Tensor], source: str, events: EventSink
-                     ) -> Callable[[torch.nn.Module], None]:
-    def load(model: torch.nn.Module) -> None:
-        from vocoslicer.models.checkpoints import load_official_weights
-
-        report = load_official_weights(model, state, source)
-        if report.missing_backbone:
-            raise UserError(f"{source}: the checkpoint does not fit this backbone ({len(report.missing_backbone)} "
-                            f"encoder tensors missing or of another shape, e.g. {report.missing_backbone[:2]})")
-        events.log(report.summary())
-
-    return load
-
-
-def _check_labels(cohort_labels: LabelTable, bundle: ModelBundle, events: EventSink) -> None:
-    """The cohort's labels must be outputs of the bundle, under the same names."""
-    outputs = set(bundle.channel_values[1:])
-    for lb in cohort_labels:
-        if lb.value not in outputs:
-            raise UserError(f"cohort label {lb.value} ({lb.name}) is not an output of {bundle.describe()} "
-                            f"(its labels: {', '.join(f'{x.value}={x.name}' for x in bundle.labels)})")
-        theirs = bundle.labels.by_value(lb.value).name
-        if theirs.lower() != lb.name.lower():
-            raise UserError(f"cohort label {lb.value} is {lb.name!r} but {bundle.describe()} calls it {theirs!r}; "
-                            "the cohort's labels do not match the model's label table")
-    absent = [bundle.labels.by_value(v).name for v in sorted(outputs - set(cohort_labels.values))]
-    if absent:
-        events.warning(f"the cohort never labels {', '.join(absent)}: the model will learn them as background")
-
-
-def resolve_init(spec: str, cohort_labels: LabelTable, feature_size: int | None = None,
-                 preprocessing: dict[str, Any] | None = None, roi: Sequence[int] | None = None,
-                 events: EventSink = NULL_SINK) -> InitModel:
-    """``--init``: ``scratch``, a VoCo/SwinUNETR checkpoint file, or a bundle (path, installed id, id@version)."""
-    from vocoslicer.models import registry
-
-    if not len(cohort_labels):
-        raise UserError("the cohort has no label table (add a labelled case with --labels first)")
-    cv = [0, *cohort_labels.values]
-    pre = {**DEFAULT_PREPROCESSING, **(preprocessing or {})}
-    inf = {**DEFAULT_INFERENCE, **({"roi_size": [int(r) for r in roi]} if roi else {})}
-    if spec == "scratch":
-        return InitModel("scratch", _scratch_arch(cohort_labels, feature_size), cohort_labels, cv, pre, inf, None,
-                         "random initialisation")
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
-        from vocoslicer.models.checkpoints import official_state_dict, read_checkpoint
-
-        obj = read_checkpoint(path)
-        if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "state_dict" not in obj:
-            obj = obj["model"]  # a vocoslicer training checkpoint (run_dir/checkpoints/last.pt)
-        state, _, _ = official_state_dict(obj, str(path))
-        key = "swinViT.patch_embed.proj.weight"
-        if key not in state:
-            raise UserError(f"{path}: not a VoCo / SwinUNETR checkpoint (no {key})")
-        fs, in_ch = int(state[key].shape[0]), int(state[key].shape[1])
-        arch = _scratch_arch(cohort_labels, fs, in_ch)
-        parent = {"checkpoint": str(path.resolve()), "sha256": sha256_file(path)}
-        return InitModel("checkpoint", arch, cohort_labels, cv, pre, inf, parent,
-                         f"checkpoint {path.name} (feature size {fs})", _backbone_loader(state, str(path), events))
-    bundle = registry.resolve(spec)
-    parent = {"id": bundle.id, "version": bundle.version,
-              "sha256": (bundle.meta.get("weights") or {}).get("sha256", "")}
-    name, args = bundle.architecture
-    if bundle.task == "backbone":
-        args = {**args, "out_channels": len(cv)}
-        return InitModel("backbone", (name, args), cohort_labels, cv, {**bundle.preprocessing, **(preprocessing or {})},
-                         {**bundle.inference, **({"roi_size": list(roi)} if roi else {})}, parent,
-                         bundle.describe(), _backbone_loader(bundle.state_dict(), str(bundle.path), events))
-    if bundle.task != "segmentation":
-        raise UserError(f"--init {spec}: {bundle.describe()} is a {bundle.task} model; finetuning needs a "
-                        "segmentation model, a backbone, a VoCo checkpoint or 'scratch'")
-    _check_labels(cohort_labels, bundle, events)
-
-    def load(model: torch.nn.Module) -> None:
-        model.load_state_dict(bundle.state_dict())
-
-    return InitModel("bundle", (name, args), bundle.labels, bundle.channel_values, bundle.preprocessing,
-                     {**bundle.inference, **({"roi_size": list(roi)} if roi else {})}, parent, bundle.describe(), load)
-
-
-class Teacher:
-    """The frozen teacher of the semi-supervised stage; saved in checkpoints so a resumed run keeps it."""
-
-    def __init__(self) -> None:
-        self.model: torch.nn.Module | None = None
-        self.student: torch.nn.Module | None = None  # template for rebuilding the teacher on resume
-        self.started_at: int = -1
-
-    @property
-    def active(self) -> bool:
-        """True once the teacher has been frozen."""
-        return self.model is not None
-
-    def freeze_copy_of(self, student: torch.nn.Module, step: int) -> None:
-        """Deep-copy ``student`` into an eval-mode, no-grad teacher (no EMA, as in the official code)."""
-        teacher = copy.deepcopy(student).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        self.model, self.started_at = teacher, step
-
-    def state_dict(self) -> dict[str, Any]:
-        """Checkpoint form: weights only when active."""
-        return {"started_at": self.started_at,
-                "weights": {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if self.model else {}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Rebuild the teacher from a checkpoint (needs :attr:`student` as the architecture template)."""
-        if not state.get("weights"):
-            self.model, self.started_at = None, -1
-            return
-        if self.student is None:
-            raise RuntimeError("Teacher.student must be set before loading a teacher checkpoint")
-        self.freeze_copy_of(self.student, int(state["started_at"]))
-        assert self.model is not None
-        self.model.load_state_dict(state["weights"])
-
-
-class FinetuneStream(torch.utils.data.IterableDataset):
-    """Labelled crop batches (``image``, ``label``) plus, when given, unlabelled crops (``u_image``) and VoCo
-    crops of ``ssl_cases`` (``ssl_random``, ``ssl_base``, ``ssl_labels``: ``u_batch`` volumes, official layout)."""
-
-    def __init__(self, labelled: CropStream, unlabelled: Sequence[PreparedCase], roi: Sequence[int],
-                 u_batch: int, seed: int = 0, ssl_geometry: Any = None,
-                 ssl_cases: Sequence[PreparedCase] = ()) -> None:
-        super().__init__()
-        self.labelled, self.unlabelled = labelled, list(unlabelled)
-        self.roi, self.u_batch, self.seed = tuple(int(r) for r in roi), int(u_batch), seed
-        self.ssl_geometry, self.ssl_cases = ssl_geometry, list(ssl_cases)
-
-    def _voco_batch(self, rng: random.Random, nrng: Any) -> dict[str, torch.Tensor]:
-        from vocoslicer.data.ssl_dataset import read_region, voco_sample
-
-        g = self.ssl_geometry
-        items = []
-        for _ in range(self.u_batch):
-            values, dst = read_region(rng.choice(self.ssl_cases).image[0].numpy(), g.region, nrng)
-            items.append(voco_sample(values, dst, g, nrng))
-        return {"ssl_random": torch.cat([it["random"] for it in items]),
-                "ssl_base": torch.cat([it["base"] for it in items]),
-                "ssl_labels": torch.stack([it["labels"] for it in items])}
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        from monai.transforms import Compose, RandSpatialCrop, SpatialPad
-
-        info = torch.utils.data.get_worker_info()
-        wid = info.id if info is not None else 0
-        rng = random.Random(self.seed * 1000 + wid + 17)
-        crop = Compose([SpatialPad(self.roi), RandSpatialCrop(self.roi, random_size=False)])
-        crop.set_random_state(seed=self.seed * 1000 + wid + 17)
-        import numpy as np
-
-        nrng = np.random.default_rng(self.seed * 1000 + wid + 29)
-        for batch in self.labelled:
-            if self.unlabelled:
-                batch["u_image"] = torch.stack([torch.as_tensor(crop(rng.choice(self.unlabelled).image)).float()
-                                                for _ in range(self.u_batch)])
-            if self.ssl_geometry is not None and self.ssl_cases:
-                batch.update(self._voco_batch(rng, nrng))
-            yield batch
-
-
-def semi_step(teacher: Teacher, confidence: float, semi_weight: float, ssl_weight: float = 0.0
-              ) -> Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]:
-    """Step function: DiceCE on labelled crops (+ masked pseudo-label DiceCE once the teacher exists, + the VoCo
-    loss on the batch's VoCo crops when ``ssl_weight`` > 0 and the model is a :class:`VoCoSegModel`)."""
-    from monai.losses import DiceCELoss
-
-    sup_loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
-
-    def step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        x = batch["image"]
-        use_semi = teacher.active and "u_image" in batch
-        use_ssl = ssl_weight > 0 and "ssl_random" in batch
-        xin = torch.cat([x, batch["u_image"]]) if use_semi else x
-        parts: dict[str, Any] = {}
-        if use_ssl:  # one forward for everything: DDP allows one forward per backward
-            logits, ssl, ssl_parts = model(xin, batch["ssl_random"], batch["ssl_base"], batch["ssl_labels"])
-            parts.update({"ssl": ssl.detach(), **{f"ssl_{k}": v.detach() for k, v in ssl_parts.items()}})
-        else:
-            logits = model(xin)
-        sup = sup_loss(logits[: len(x)].float(), batch["label"])
-        loss = sup + ssl_weight * ssl if use_ssl else sup
-        parts["sup"] = sup.detach()
-        if use_semi:
-            assert teacher.model is not None
-            with torch.no_grad():
-                pseudo, mask = confident_pseudo_labels(teacher.model(batch["u_image"]), confidence)
-            semi = masked_dice_ce(logits[len(x):], pseudo, mask)
-            loss = loss + semi_weight * semi
-            parts.update({"semi": semi.detach(), "confident": mask.float().mean().detach()})
-        return loss, parts
-
-    return step
-
-
-def seg_network(model: torch.nn.Module) -> torch.nn.Module:
-    """The network that becomes the bundle (a :class:`VoCoSegModel`'s ``net``; any other model itself)."""
-    from vocoslicer.models.voco_head import VoCoSegModel
-
-    return model.net if isinstance(model, VoCoSegModel) else model
 
 
 def _new_version(model_id: str, parent: dict[str, Any] | None) -> str:

@@ -1,0 +1,156 @@
+"""Where a finetune starts: ``--init`` (a bundle, a VoCo/SwinUNETR checkpoint, a backbone bundle or ``scratch``)
+resolved into an architecture, label outputs, preprocessing and a weight loader, checked against the cohort's labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vocoslicer.errors import UserError
+from vocoslicer.jobs.events import NULL_SINK, EventSink
+from vocoslicer.labels import LabelTable
+from vocoslicer.models.bundle import (
+    DEFAULT_INFERENCE,
+    DEFAULT_PREPROCESSING,
+    ModelBundle,
+    new_bundle_meta,
+    sha256_file,
+)
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
+
+
+@dataclass
+class InitModel:
+    """Where finetuning starts: architecture, label outputs, preprocessing and how to load the first weights."""
+
+    kind: str  # bundle | backbone | checkpoint | scratch
+    arch: tuple[str, dict[str, Any]]
+    labels: LabelTable
+    channel_values: list[int]
+    preprocessing: dict[str, Any]
+    inference: dict[str, Any]
+    parent: dict[str, Any] | None
+    describe: str
+    load: Callable[[torch.nn.Module], None] | None = None
+
+    @property
+    def roi(self) -> list[int]:
+        """Crop / sliding-window size."""
+        return [int(r) for r in self.inference["roi_size"]]
+
+    def build(self) -> torch.nn.Module:
+        """The network with its starting weights."""
+        from vocoslicer.models.factory import build_model
+
+        model = build_model(*self.arch)
+        if self.load is not None:
+            self.load(model)
+        return model
+
+    def default_id(self, cohort_name: str) -> str:
+        """A finetuned bundle keeps its parent's id (a new version); otherwise it is named after the cohort."""
+        if self.kind == "bundle" and self.parent:
+            return str(self.parent["id"])
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in cohort_name) or "cohort"
+        return f"finetuned-{safe}"
+
+    def bundle_meta(self, model_id: str, version: str, roi: Sequence[int], training: dict[str, Any]
+                    ) -> dict[str, Any]:
+        """model.json of the finetuned bundle."""
+        name, args = self.arch
+        return new_bundle_meta(model_id, version, "segmentation", name, args,
+                               name=f"{model_id} (finetuned on cohort {Path(training['cohort']).name})",
+                               preprocessing=self.preprocessing, inference={**self.inference, "roi_size": list(roi)},
+                               channel_values=self.channel_values, parent=self.parent, training=training)
+
+
+def _scratch_arch(labels: LabelTable, feature_size: int | None, in_channels: int = 1) -> tuple[str, dict[str, Any]]:
+    return "swinunetr", {"size": None, "feature_size": int(feature_size or 48), "in_channels": in_channels,
+                         "out_channels": len(labels) + 1, "patch_merging": "legacy"}
+
+
+def _backbone_loader(state: dict[str, torch.Tensor], source: str, events: EventSink
+                     ) -> Callable[[torch.nn.Module], None]:
+    def load(model: torch.nn.Module) -> None:
+        from vocoslicer.models.checkpoints import load_official_weights
+
+        report = load_official_weights(model, state, source)
+        if report.missing_backbone:
+            raise UserError(f"{source}: the checkpoint does not fit this backbone ({len(report.missing_backbone)} "
+                            f"encoder tensors missing or of another shape, e.g. {report.missing_backbone[:2]})")
+        events.log(report.summary())
+
+    return load
+
+
+def _check_labels(cohort_labels: LabelTable, bundle: ModelBundle, events: EventSink) -> None:
+    """The cohort's labels must be outputs of the bundle, under the same names."""
+    outputs = set(bundle.channel_values[1:])
+    for lb in cohort_labels:
+        if lb.value not in outputs:
+            raise UserError(f"cohort label {lb.value} ({lb.name}) is not an output of {bundle.describe()} "
+                            f"(its labels: {', '.join(f'{x.value}={x.name}' for x in bundle.labels)})")
+        theirs = bundle.labels.by_value(lb.value).name
+        if theirs.lower() != lb.name.lower():
+            raise UserError(f"cohort label {lb.value} is {lb.name!r} but {bundle.describe()} calls it {theirs!r}; "
+                            "the cohort's labels do not match the model's label table")
+    absent = [bundle.labels.by_value(v).name for v in sorted(outputs - set(cohort_labels.values))]
+    if absent:
+        events.warning(f"the cohort never labels {', '.join(absent)}: the model will learn them as background")
+
+
+def resolve_init(spec: str, cohort_labels: LabelTable, feature_size: int | None = None,
+                 preprocessing: dict[str, Any] | None = None, roi: Sequence[int] | None = None,
+                 events: EventSink = NULL_SINK) -> InitModel:
+    """``--init``: ``scratch``, a VoCo/SwinUNETR checkpoint file, or a bundle (path, installed id, id@version)."""
+    from vocoslicer.models import registry
+
+    if not len(cohort_labels):
+        raise UserError("the cohort has no label table (add a labelled case with --labels first)")
+    cv = [0, *cohort_labels.values]
+    pre = {**DEFAULT_PREPROCESSING, **(preprocessing or {})}
+    inf = {**DEFAULT_INFERENCE, **({"roi_size": [int(r) for r in roi]} if roi else {})}
+    if spec == "scratch":
+        return InitModel("scratch", _scratch_arch(cohort_labels, feature_size), cohort_labels, cv, pre, inf, None,
+                         "random initialisation")
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        from vocoslicer.models.checkpoints import official_state_dict, read_checkpoint
+
+        obj = read_checkpoint(path)
+        if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "state_dict" not in obj:
+            obj = obj["model"]  # a vocoslicer training checkpoint (run_dir/checkpoints/last.pt)
+        state, _, _ = official_state_dict(obj, str(path))
+        key = "swinViT.patch_embed.proj.weight"
+        if key not in state:
+            raise UserError(f"{path}: not a VoCo / SwinUNETR checkpoint (no {key})")
+        fs, in_ch = int(state[key].shape[0]), int(state[key].shape[1])
+        arch = _scratch_arch(cohort_labels, fs, in_ch)
+        parent = {"checkpoint": str(path.resolve()), "sha256": sha256_file(path)}
+        return InitModel("checkpoint", arch, cohort_labels, cv, pre, inf, parent,
+                         f"checkpoint {path.name} (feature size {fs})", _backbone_loader(state, str(path), events))
+    bundle = registry.resolve(spec)
+    parent = {"id": bundle.id, "version": bundle.version,
+              "sha256": (bundle.meta.get("weights") or {}).get("sha256", "")}
+    name, args = bundle.architecture
+    if bundle.task == "backbone":
+        args = {**args, "out_channels": len(cv)}
+        return InitModel("backbone", (name, args), cohort_labels, cv, {**bundle.preprocessing, **(preprocessing or {})},
+                         {**bundle.inference, **({"roi_size": list(roi)} if roi else {})}, parent,
+                         bundle.describe(), _backbone_loader(bundle.state_dict(), str(bundle.path), events))
+    if bundle.task != "segmentation":
+        raise UserError(f"--init {spec}: {bundle.describe()} is a {bundle.task} model; finetuning needs a "
+                        "segmentation model, a backbone, a VoCo checkpoint or 'scratch'")
+    _check_labels(cohort_labels, bundle, events)
+
+    def load(model: torch.nn.Module) -> None:
+        model.load_state_dict(bundle.state_dict())
+
+    return InitModel("bundle", (name, args), bundle.labels, bundle.channel_values, bundle.preprocessing,
+                     {**bundle.inference, **({"roi_size": list(roi)} if roi else {})}, parent, bundle.describe(), load)
