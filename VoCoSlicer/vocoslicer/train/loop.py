@@ -186,6 +186,7 @@ class Trainer:
         old_handlers = self._install_signal_handlers()
         stopped = "done"
         saved_at = self.step
+        finished = False
         try:
             self._module.train()
             batches = self._batches()
@@ -219,9 +220,10 @@ class Trainer:
                     saved_at = self.step
             if self.step != saved_at or not (ckpt and ckpt.exists()):
                 self._save()
+            finished = True
         finally:
             self._restore_signal_handlers(old_handlers)
-            D.teardown(self.ctx)
+            D.teardown(self.ctx, sync=finished)
         return {"step": self.step, "best": self.best, "best_step": self.best_step, "history": self.history,
                 "stopped": stopped}
 
