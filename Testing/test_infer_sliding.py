@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_models import Threshold
 from monai.inferers import sliding_window_inference
 
 from vocoslicer.errors import Cancelled, UserError
@@ -259,19 +260,6 @@ def test_separable_and_general_resampling_agree() -> None:
                          for k in range(0, 17, 5)], dim=1).argmax(0).numpy()
     assert (sitk.GetArrayFromImage(separable) == general).mean() > 0.999
 
-
-class Threshold(torch.nn.Module):
-    """Known answer: channel 1 wins where the normalised intensity exceeds 0.5."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv3d(1, 2, 1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.tensor([-10.0, 10.0]).view(2, 1, 1, 1, 1))
-            self.conv.bias.copy_(torch.tensor([5.0, -5.0]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
 
 
 @pytest.mark.parametrize("smooth", [False, True])

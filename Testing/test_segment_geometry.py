@@ -7,25 +7,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 from helpers_io import run_cli
+from helpers_models import Threshold
 
 from vocoslicer.errors import UserError
 from vocoslicer.infer.segment import labels_csv_path, pick_device, segment_image
 from vocoslicer.labels import Label, LabelTable
 from vocoslicer.models.bundle import ModelBundle, new_bundle_meta
-
-
-class Threshold(torch.nn.Module):
-    """A 'model' whose answer is known: channel 1 wins where the normalised intensity exceeds 0.5."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv3d(1, 2, 1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.tensor([-10.0, 10.0]).view(2, 1, 1, 1, 1))
-            self.conv.bias.copy_(torch.tensor([5.0, -5.0]))
-
-    def forward(self, x):
-        return self.conv(x)
 
 
 def _bundle(spacing=(2.0, 2.0, 2.0)) -> ModelBundle:
