@@ -26,7 +26,7 @@ from VoCoSlicerLib.job_driver import JobDriver
 from VoCoSlicerLib.state import JobState
 
 PYTHON_SETTING = "VoCoSlicer/PythonExecutable"  # read by VoCoSegment and VoCoPretrain too
-MIN_TORCH = ">=2.3"
+MIN_TORCH = deps.TORCH_REQUIREMENT  # MONAI's own torch floor (VoCoSlicerLib.deps)
 
 
 class VoCoSlicer(ScriptedLoadableModule):
@@ -264,39 +264,69 @@ class VoCoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class VoCoSlicerLogic(ScriptedLoadableModuleLogic):
-    """Dependency installation (needs the Slicer app: PyTorch extension, slicer.packaging dialogs)."""
+    """Dependency installation (needs the Slicer app: PyTorch extension, slicer.packaging dialogs).
+
+    What to install is decided by ``VoCoSlicerLib.deps`` (tested in pytest); this class only calls Slicer.
+    """
 
     def getParameterNode(self):
         return VoCoSlicerParameterNode(super().getParameterNode())
 
+    @staticmethod
+    def _slicerPackaging():
+        """``slicer.packaging`` (Slicer >= 5.12), or None. ``slicer/__init__.py`` does not import it, so
+        ``hasattr(slicer, "packaging")`` is False in a fresh session; Slicer's module template imports it."""
+        try:
+            import slicer.packaging
+        except ImportError:
+            return None
+        return slicer.packaging
+
     def installDependencies(self, requirementsPath, force=False):
-        """PyTorch through the PyTorch extension (right CUDA build), then the pinned engine packages with pip.
+        """PyTorch through the PyTorch extension (right CUDA build) when absent or below the floor MONAI needs,
+        then the pinned engine packages with pip; ``force`` reinstalls those packages (torch stays: PyTorch Utils
+        manages its build).
 
         Slicer's own numpy and SimpleITK and the installed torch are frozen by a constraints file, so pip
-        reports a conflict instead of replacing them. Skipped in testing mode (pip_ensure's default).
+        reports a conflict instead of replacing them. Nothing is installed in testing mode (like pip_ensure's
+        ``skip_in_testing``), and torch is never imported here to decide: its metadata is read instead.
         """
-        try:
-            import PyTorchUtils
-        except ImportError:
-            raise RuntimeError(_("The PyTorch extension is missing: install 'PyTorch' from the Extensions Manager, "
-                                 "restart Slicer and try again.")) from None
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if force or not torchLogic.torchInstalled():
-            if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=MIN_TORCH) is None:
+        if slicer.app.testingEnabled():  # so neither path below can prompt, install or restart under --testing
+            import logging
+
+            logging.info("VoCoSlicer: testing mode, dependency installation skipped")
+            return
+        if deps.torch_install_needed(deps.installed_torch()):
+            try:
+                import PyTorchUtils
+            except ImportError:
+                raise RuntimeError(_("The PyTorch extension is missing: install 'PyTorch' from the Extensions "
+                                     "Manager, restart Slicer and try again.")) from None
+            # installTorch imports torch once it has installed it (PyTorchUtils' own behaviour)
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True,
+                                                             torchVersionRequirement=MIN_TORCH) is None:
                 raise RuntimeError(_("PyTorch was not installed (cancelled or failed); see the PyTorch Utils "
                                      "module to choose a CUDA version."))
         constraints = deps.write_constraints(pathlib.Path(slicer.util.tempDirectory()) / "constraints.txt")
-        if hasattr(slicer, "packaging"):  # Slicer >= 5.12
-            reqs = slicer.packaging.load_requirements(requirementsPath)
-            slicer.packaging.pip_ensure(reqs, constraints=constraints, requester="VoCoSlicer")
+        packaging = self._slicerPackaging()
+        if packaging is not None and not force:
+            packaging.pip_ensure(packaging.load_requirements(requirementsPath), constraints=constraints,
+                                 requester="VoCoSlicer")
+            return
+        plan = deps.install_plan(deps.requirement_lines(requirementsPath), constraints, force=force)
+        if plan.empty or not slicer.util.confirmOkCancelDisplay(
+                _("VoCoSlicer will install these Python packages:") + "\n" + "\n".join(plan.install)):
+            return
+        if packaging is not None:
+            packaging.pip_install(plan.install, constraints=plan.constraints,
+                                  no_deps_requirements=plan.no_deps_requirements(), requester="VoCoSlicer")
         else:
-            missing = deps.requirement_lines(requirementsPath) if force else \
-                deps.missing_requirements(deps.requirement_lines(requirementsPath))
-            if missing and slicer.util.confirmOkCancelDisplay(
-                    _("VoCoSlicer needs these Python packages:") + "\n" + "\n".join(missing)):
-                slicer.util.pip_install(["-c", str(constraints), *missing])
-                if slicer.util.confirmYesNoDisplay(_("Packages installed. Restart Slicer now to use them?")):
-                    slicer.util.restart()
+            for argv in plan.pip_argv():  # older Slicer: its pip_install takes the arguments after "install"
+                slicer.util.pip_install(argv[1:])
+        # the engine runs in child processes, so new packages need no restart unless the Slicer process loaded one
+        if deps.loaded_requirements(plan.install) and slicer.util.confirmYesNoDisplay(
+                _("Packages installed. Restart Slicer now to use them?")):
+            slicer.util.restart()
 
 
 class VoCoSlicerTest(ScriptedLoadableModuleTest):

@@ -16,7 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("monai", "einops", "safetensors", "PyYAML", "SimpleITK", "numpy")
+from vocoslicer.dependencies import probed_names
+
+# every engine dependency but torch (reported on its own rows); the set-up panel checks them against their floors
+PACKAGES = probed_names()
 
 
 def _version(name: str) -> str | None:

@@ -1,0 +1,123 @@
+"""Install / repair dependencies: the pip plan ("Force reinstall" really reinstalls), the torch probe that never
+imports torch into the Slicer process, the environment advice (never "Ready" below the torch floor), and the
+shape of ``VoCoSlicerLogic.installDependencies`` (read from source: it needs the Slicer app to run)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from vocoslicer import dependencies
+from VoCoSlicerLib import deps
+
+ROOT = Path(__file__).resolve().parent.parent
+PINS = dependencies.slicer_requirements()
+ALL_THERE = {d.name: d.slicer_pin for d in dependencies.DEPENDENCIES if d.slicer_pin}
+
+
+def test_force_reinstalls_every_listed_package_without_touching_torch_or_slicers_builds(tmp_path):
+    c = tmp_path / "constraints.txt"
+    plan = deps.install_plan(["torch>=2.8", *PINS, "numpy==2.0.0"], c, force=True, versions=ALL_THERE)
+    assert not plan.empty
+    assert plan.force_reinstall == PINS and plan.install == PINS  # protected ones dropped even when listed
+    assert plan.no_deps_requirements() == ["--force-reinstall", *PINS]
+    first, second = plan.pip_argv()
+    # --no-deps: a plain --force-reinstall would also reinstall torch and numpy from PyPI
+    assert first == ["install", "--force-reinstall", *PINS, "--no-deps", "-c", str(c)]
+    assert second == ["install", *PINS, "-c", str(c)]
+
+
+def test_without_force_only_missing_or_other_versions_are_installed(tmp_path):
+    c = tmp_path / "constraints.txt"
+    assert deps.install_plan(PINS, c, versions=ALL_THERE).empty  # all satisfied: nothing to run
+    older = {**ALL_THERE, "monai": "1.5.0", "nibabel": None}
+    plan = deps.install_plan(PINS, c, versions=older)
+    assert plan.force_reinstall == [] and plan.no_deps_requirements() is None
+    assert plan.install == ["monai==1.6.1", "nibabel==5.4.2"]
+    assert plan.pip_argv() == [["install", "monai==1.6.1", "nibabel==5.4.2", "-c", str(c)]]
+
+
+def test_constraints_freeze_the_protected_packages(tmp_path):
+    path = deps.write_constraints(tmp_path / "c.txt")
+    lines = path.read_text().splitlines()
+    assert {line.split("==")[0] for line in lines} == {"torch", "numpy", "SimpleITK"}  # all installed here
+    assert f"torch=={deps.installed_version('torch')}" in lines
+
+
+def test_restart_is_offered_only_for_packages_the_slicer_process_loaded():
+    assert deps.loaded_requirements(PINS, {"yaml": object(), "os": object()}) == ["PyYAML==6.0.3"]
+    assert deps.loaded_requirements(PINS, {}) == []
+
+
+def test_torch_probe_reads_metadata_and_never_imports_torch():
+    code = ("import sys; from VoCoSlicerLib import deps; v = deps.installed_torch(); "
+            "print(v, deps.torch_install_needed(v), 'torch' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "VoCoSlicer")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    version, needed, imported = out.stdout.split()
+    assert version.startswith("2.") and needed == "False" and imported == "False"
+
+
+def test_torch_floor_decisions():
+    assert deps.torch_install_needed(None)
+    assert deps.torch_install_needed("2.7.1+cu121")  # accepted by the old >=2.3 floor, rejected by MONAI
+    assert deps.torch_install_needed("2.8.0.dev20250601")  # pip judges a nightly below MONAI's torch>=2.8.0 too
+    assert deps.torch_install_needed("not-a-version")
+    assert not deps.torch_install_needed("2.8.0+cu126") and not deps.torch_install_needed("2.13.0+cpu")
+
+
+def _complete(**kw) -> deps.EnvReport:
+    packages = {n: dependencies.by_name(n).slicer_pin or "9.0" for n in dependencies.probed_names()}
+    packages.update(kw.pop("packages", {}))
+    return deps.EnvReport(**{"torch": "2.13.0+cpu", "packages": packages, **kw})
+
+
+def test_panel_is_ready_only_when_torch_meets_the_floor():
+    assert _complete().ready and _complete().summary().startswith("Ready")
+    old = _complete(torch="2.7.1+cu121", torch_cuda="12.1", cuda_available=True, driver="550.54")
+    assert not old.ready
+    assert not old.summary().startswith("Ready")
+    assert f"PyTorch 2.7.1+cu121 is too old: MONAI needs PyTorch >= {deps.MIN_TORCH}" in old.summary()
+
+
+def test_advice_names_missing_and_too_old_packages():
+    rep = _complete(packages={"nibabel": None, "monai": "1.3.0", "numpy": "1.21.0"})
+    text = rep.summary()
+    assert "Missing packages ['nibabel']" in text
+    assert "monai 1.3.0 is too old (need >= 1.4): press 'Install / repair dependencies'" in text
+    assert "numpy 1.21.0 is too old (need >= 1.24): it comes with Slicer" in text
+    assert not rep.ready
+
+
+def _logic_method(name: str) -> ast.FunctionDef:
+    tree = ast.parse((ROOT / "VoCoSlicer" / "VoCoSlicer.py").read_text(encoding="utf-8"))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "VoCoSlicerLogic")
+    return next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def test_logic_imports_slicer_packaging_and_never_torch():
+    """Static check of code that only runs in the Slicer app. ``hasattr(slicer, "packaging")`` was False in a
+    fresh Slicer 5.12 session (slicer/__init__.py never imports it), so MONAI & co. were never installed."""
+    methods = [_logic_method("installDependencies"), _logic_method("_slicerPackaging")]
+    calls = [ast.unparse(n.func) for m in methods for n in ast.walk(m) if isinstance(n, ast.Call)]
+    assert "hasattr" not in calls
+    source = "".join(ast.unparse(m) for m in methods)
+    imports = {a.name for n in ast.walk(_logic_method("_slicerPackaging")) if isinstance(n, ast.Import)
+               for a in n.names}
+    assert "slicer.packaging" in imports
+    assert "torchInstalled" not in source and "import torch" not in source  # PyTorchUtils' check imports torch
+    assert "deps.installed_torch()" in source
+
+
+def test_logic_installs_nothing_and_never_restarts_under_testing():
+    """pip_ensure skips in testing mode on its own; the force and legacy paths (pip_install, restart) must too:
+    the first statement returns when slicer.app.testingEnabled()."""
+    first = _logic_method("installDependencies").body[1]  # body[0] is the docstring
+    assert isinstance(first, ast.If) and ast.unparse(first.test) == "slicer.app.testingEnabled()"
+    assert isinstance(first.body[-1], ast.Return)
+    source = ast.unparse(_logic_method("installDependencies"))
+    assert "no_deps_requirements=plan.no_deps_requirements()" in source  # force reaches pip
