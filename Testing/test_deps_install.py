@@ -121,3 +121,61 @@ def test_logic_installs_nothing_and_never_restarts_under_testing():
     assert isinstance(first.body[-1], ast.Return)
     source = ast.unparse(_logic_method("installDependencies"))
     assert "no_deps_requirements=plan.no_deps_requirements()" in source  # force reaches pip
+
+
+# ---------------------------------------------------------------- the force plan through a real pip, offline
+
+
+def _wheel(folder: Path, name: str, requires: list[str]) -> None:
+    """A minimal pure-Python wheel (``name`` 1.0, one module), written by hand so no index or build is needed."""
+    import base64
+    import hashlib
+    import zipfile
+
+    info = f"{name}-1.0.dist-info"
+    files = {f"{name}.py": "STATE = 'installed'\n",
+             f"{info}/METADATA": "Metadata-Version: 2.1\nName: " + name + "\nVersion: 1.0\n"
+             + "".join(f"Requires-Dist: {r}\n" for r in requires),
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    files[f"{info}/RECORD"] = "\n".join([*record, f"{info}/RECORD,,"]) + "\n"
+    with zipfile.ZipFile(folder / f"{name}-1.0-py3-none-any.whl", "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+
+
+def _pip(target_python: Path, argv: list[str], wheels: Path) -> None:
+    cmd = [sys.executable, "-m", "pip", "--python", str(target_python), "--disable-pip-version-check", *argv,
+           "--no-index", "--find-links", str(wheels)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_force_plan_run_by_pip_reinstalls_the_package_but_not_its_protected_dependency(tmp_path):
+    """A real pip (offline: hand-made wheels, a bare venv) runs the plan's command lines. ``app`` stands for monai,
+    ``dep`` for torch: both installed and then damaged; the forced plan repairs ``app`` and leaves ``dep`` alone
+    (frozen by the constraints file, never reinstalled), which a plain ``--force-reinstall`` would not."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "vocodummy_app", ["vocodummy_dep"])
+    _wheel(wheels, "vocodummy_dep", [])
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "env")], check=True, timeout=60)
+    python = tmp_path / "env" / "bin" / "python"
+    _pip(python, ["install", "vocodummy_app==1.0"], wheels)
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    for name in ("vocodummy_app", "vocodummy_dep"):
+        (site / f"{name}.py").write_text("STATE = 'damaged'\n")
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("vocodummy_dep==1.0\n")
+    plan = deps.install_plan(["vocodummy_app==1.0"], constraints, force=True)
+    for argv in plan.pip_argv():
+        _pip(python, argv, wheels)
+    assert "installed" in (site / "vocodummy_app.py").read_text()
+    assert "damaged" in (site / "vocodummy_dep.py").read_text()
+    # what the plan avoids: --force-reinstall without --no-deps reinstalls the dependency too (torch from PyPI)
+    _pip(python, ["install", "--force-reinstall", "vocodummy_app==1.0", "-c", str(constraints)], wheels)
+    assert "installed" in (site / "vocodummy_dep.py").read_text()
