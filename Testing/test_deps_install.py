@@ -99,28 +99,30 @@ def _logic_method(name: str) -> ast.FunctionDef:
     return next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == name)
 
 
-def test_logic_imports_slicer_packaging_and_never_torch():
+def test_logic_imports_slicer_packaging_first_and_never_torch():
     """Static check of code that only runs in the Slicer app. ``hasattr(slicer, "packaging")`` was False in a
     fresh Slicer 5.12 session (slicer/__init__.py never imports it), so MONAI & co. were never installed."""
-    methods = [_logic_method("installDependencies"), _logic_method("_slicerPackaging")]
-    calls = [ast.unparse(n.func) for m in methods for n in ast.walk(m) if isinstance(n, ast.Call)]
+    install = _logic_method("installDependencies")
+    calls = [ast.unparse(n.func) for n in ast.walk(install) if isinstance(n, ast.Call)]
     assert "hasattr" not in calls
-    source = "".join(ast.unparse(m) for m in methods)
-    imports = {a.name for n in ast.walk(_logic_method("_slicerPackaging")) if isinstance(n, ast.Import)
-               for a in n.names}
-    assert "slicer.packaging" in imports
-    assert "torchInstalled" not in source and "import torch" not in source  # PyTorchUtils' check imports torch
-    assert "deps.installed_torch()" in source
+    first = install.body[1]  # body[0] is the docstring; the import binds the local name ``slicer`` for the rest
+    assert isinstance(first, ast.Try) and ast.unparse(first.body[0]) == "import slicer.packaging"
+    assert "slicer.packaging.pip_ensure" in calls and "slicer.packaging.load_requirements" in calls
+    assert not [c for c in calls if c.endswith("torchInstalled")]  # PyTorchUtils' check imports torch
+    imports = {a.name for n in ast.walk(install) if isinstance(n, ast.Import) for a in n.names}
+    assert "torch" not in imports and "deps.installed_torch" in calls
 
 
 def test_logic_installs_nothing_and_never_restarts_under_testing():
-    """pip_ensure skips in testing mode on its own; the force and legacy paths (pip_install, restart) must too:
-    the first statement returns when slicer.app.testingEnabled()."""
-    first = _logic_method("installDependencies").body[1]  # body[0] is the docstring
-    assert isinstance(first, ast.If) and ast.unparse(first.test) == "slicer.app.testingEnabled()"
-    assert isinstance(first.body[-1], ast.Return)
-    source = ast.unparse(_logic_method("installDependencies"))
-    assert "no_deps_requirements=plan.no_deps_requirements()" in source  # force reaches pip
+    """pip_ensure skips in testing mode on its own; the force path (pip_install, restart) must too: right after
+    the import, the method returns when slicer.app.testingEnabled()."""
+    install = _logic_method("installDependencies")
+    guard = install.body[2]
+    assert isinstance(guard, ast.If) and ast.unparse(guard.test) == "slicer.app.testingEnabled()"
+    assert isinstance(guard.body[-1], ast.Return)
+    calls = [ast.unparse(n.func) for n in ast.walk(install) if isinstance(n, ast.Call)]
+    assert "slicer.util.restart" in calls and "slicer.util.pip_install" not in calls  # no legacy path left
+    assert "no_deps_requirements=plan.no_deps_requirements()" in ast.unparse(install)  # force reaches pip
 
 
 # ---------------------------------------------------------------- the force plan through a real pip, offline

@@ -53,7 +53,7 @@ def test_requirements_file_is_the_rendered_list():
     assert REQUIREMENTS.read_text(encoding="utf-8") == dependencies.requirements_txt(), (
         "regenerate: PYTHONPATH=VoCoSlicer python -c \"from vocoslicer.dependencies import requirements_txt as r; "
         "print(r(), end='')\" > VoCoSlicer/Resources/requirements.txt")
-    # deps.requirement_lines (used by the force/legacy install paths) reads the same requirements
+    # deps.requirement_lines (used by the force-reinstall path) reads the same requirements
     assert deps.requirement_lines(REQUIREMENTS) == dependencies.slicer_requirements()
 
 

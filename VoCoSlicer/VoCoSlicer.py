@@ -272,26 +272,23 @@ class VoCoSlicerLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return VoCoSlicerParameterNode(super().getParameterNode())
 
-    @staticmethod
-    def _slicerPackaging():
-        """``slicer.packaging`` (Slicer >= 5.12), or None. ``slicer/__init__.py`` does not import it, so
-        ``hasattr(slicer, "packaging")`` is False in a fresh session; Slicer's module template imports it."""
-        try:
-            import slicer.packaging
-        except ImportError:
-            return None
-        return slicer.packaging
-
     def installDependencies(self, requirementsPath, force=False):
         """PyTorch through the PyTorch extension (right CUDA build) when absent or below the floor MONAI needs,
-        then the pinned engine packages with pip; ``force`` reinstalls those packages (torch stays: PyTorch Utils
-        manages its build).
+        then the pinned engine packages with ``slicer.packaging``; ``force`` reinstalls those packages (torch
+        stays: PyTorch Utils manages its build).
 
         Slicer's own numpy and SimpleITK and the installed torch are frozen by a constraints file, so pip
-        reports a conflict instead of replacing them. Nothing is installed in testing mode (like pip_ensure's
-        ``skip_in_testing``), and torch is never imported here to decide: its metadata is read instead.
+        reports a conflict instead of replacing them. Nothing is installed, and nothing restarts, in testing mode
+        (pip_ensure's ``skip_in_testing``, applied to every path here), and torch is never imported to decide:
+        its metadata is read instead (PyTorchUtils' ``torchInstalled()`` imports it).
         """
-        if slicer.app.testingEnabled():  # so neither path below can prompt, install or restart under --testing
+        # first statement: it binds the local name ``slicer``. slicer/__init__.py does not import the submodule,
+        # so hasattr(slicer, "packaging") is False in a fresh session (Slicer's module template imports it too).
+        try:
+            import slicer.packaging
+        except ImportError:  # Slicer < 5.12, which the module files refuse before getting here
+            raise RuntimeError(_("VoCoSlicer needs 3D Slicer 5.12 or later (slicer.packaging).")) from None
+        if slicer.app.testingEnabled():
             import logging
 
             logging.info("VoCoSlicer: testing mode, dependency installation skipped")
@@ -308,24 +305,19 @@ class VoCoSlicerLogic(ScriptedLoadableModuleLogic):
                 raise RuntimeError(_("PyTorch was not installed (cancelled or failed); see the PyTorch Utils "
                                      "module to choose a CUDA version."))
         constraints = deps.write_constraints(pathlib.Path(slicer.util.tempDirectory()) / "constraints.txt")
-        packaging = self._slicerPackaging()
-        if packaging is not None and not force:
-            packaging.pip_ensure(packaging.load_requirements(requirementsPath), constraints=constraints,
-                                 requester="VoCoSlicer")
+        if not force:
+            slicer.packaging.pip_ensure(slicer.packaging.load_requirements(requirementsPath),
+                                        constraints=constraints, requester="VoCoSlicer")
             return
-        plan = deps.install_plan(deps.requirement_lines(requirementsPath), constraints, force=force)
-        if plan.empty or not slicer.util.confirmOkCancelDisplay(
-                _("VoCoSlicer will install these Python packages:") + "\n" + "\n".join(plan.install)):
+        plan = deps.install_plan(deps.requirement_lines(requirementsPath), constraints, force=True)
+        if not slicer.util.confirmOkCancelDisplay(
+                _("VoCoSlicer will reinstall these Python packages:") + "\n" + "\n".join(plan.install)):
             return
-        if packaging is not None:
-            packaging.pip_install(plan.install, constraints=plan.constraints,
-                                  no_deps_requirements=plan.no_deps_requirements(), requester="VoCoSlicer")
-        else:
-            for argv in plan.pip_argv():  # older Slicer: its pip_install takes the arguments after "install"
-                slicer.util.pip_install(argv[1:])
+        slicer.packaging.pip_install(plan.install, constraints=plan.constraints,
+                                     no_deps_requirements=plan.no_deps_requirements(), requester="VoCoSlicer")
         # the engine runs in child processes, so new packages need no restart unless the Slicer process loaded one
         if deps.loaded_requirements(plan.install) and slicer.util.confirmYesNoDisplay(
-                _("Packages installed. Restart Slicer now to use them?")):
+                _("Packages reinstalled. Restart Slicer now to use them?")):
             slicer.util.restart()
 
 

@@ -148,7 +148,7 @@ class InstallPlan:
 
     def pip_argv(self) -> list[list[str]]:
         """The ``pip`` command lines of this plan, in the order and form ``slicer.packaging.pip_install`` builds them
-        (``_build_pip_args``: install, requirements, ``--no-deps``, ``-c FILE``); the legacy path runs exactly these."""
+        (``_build_pip_args``: install, requirements, ``--no-deps``, ``-c FILE``); the tests run them with a real pip."""
         runs = []
         no_deps = self.no_deps_requirements()
         if no_deps:
