@@ -134,3 +134,40 @@ def test_cache_lock_blocks_index_updates_until_the_holder_lets_go(tmp_path):
     worker.join(30)
     entries, bad = done[0]
     assert len(entries) == 1 and entries[0].cached and not bad
+
+
+PREPARE = r"""
+import dataclasses, sys, time
+from vocoslicer.data.cache import PreprocessConfig, VolumeCache, find_sources
+
+@dataclasses.dataclass(frozen=True)
+class Counting(PreprocessConfig):
+    log: str = ""
+
+    def __call__(self, source):
+        with open(self.log, "a") as fh:
+            fh.write(source.path + "\n")
+        time.sleep(0.2)  # long enough for the other process to want the same volume meanwhile
+        return super().__call__(source)
+
+cfg = Counting(spacing=None, min_size=4, log=sys.argv[3])
+entries, bad = VolumeCache(sys.argv[2], cfg).prepare(find_sources([sys.argv[1]]))
+assert len(entries) == 4 and not bad, (entries, bad)
+"""
+
+
+def test_two_processes_preparing_one_cache_preprocess_each_volume_once(tmp_path):
+    import numpy as np
+    import SimpleITK as sitk
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        sitk.WriteImage(sitk.GetImageFromArray(np.full((8, 8, 8), 100 + i, np.int16)), str(data / f"ct{i}.nii.gz"))
+    log = tmp_path / "calls.txt"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "VoCoSlicer"), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", PREPARE, str(data), str(tmp_path / "cache"), str(log)], env=env)
+             for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    calls = log.read_text().splitlines()
+    assert sorted(calls) == sorted(set(calls)) and len(calls) == 4  # shared, not done twice

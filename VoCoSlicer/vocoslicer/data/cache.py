@@ -9,7 +9,8 @@ fields): editing a file or changing the spacing makes a new entry, runs reuse th
 least-recently-used entries of other runs; what still does not fit is streamed (preprocessed on the fly each
 time it is sampled) instead of cached. Unreadable, empty, tiny or 2-D volumes are listed as bad (remembered in
 the index, never retried until the file changes) and skipped. Runs and torchrun ranks may share a cache folder:
-index updates happen under a ``filelock`` lock (released by the OS if the holder dies; Windows too).
+index updates happen under a ``filelock`` lock (released by the OS if the holder dies; Windows too), and a
+volume being preprocessed is locked too, so that a second process waits for it instead of doing it again.
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ class VolumeCache:
         self.limit_bytes = limit_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "volumes").mkdir(exist_ok=True)
+        (self.root / "locks").mkdir(exist_ok=True)
 
     # ---------------------------------------------------------------- index
     def _read_index(self) -> dict[str, Any]:
@@ -185,27 +187,37 @@ class VolumeCache:
                 self._write_index(index)
         for i, src in enumerate(sources):
             key = keys[src]
-            with _locked(self.root):
-                index = self._read_index()
-                known_bad = index["bad"].get(key)
-                rec = index["entries"].get(key)
-                if rec is not None and not (self.root / rec["file"]).is_file():
-                    rec = None
-                if rec is not None:
-                    rec["last_used"] = time.time()
-                    self._write_index(index)
+            known_bad, rec = self._lookup(key)
+            if known_bad is None and rec is None:
+                # one process preprocesses a volume; another run or torchrun rank that needs it meanwhile waits
+                # here and then reuses it, so ranks that prepare the same list share the work instead of doubling
+                # it. 256 lock files (by key prefix), not one per volume: a 160K-volume cache stays tidy.
+                with FileLock(self.root / "locks" / f"{key[:2]}.lock"):
+                    known_bad, rec = self._lookup(key)
+                    entry = self._add(src, key, wanted, warn, bad) if known_bad is None and rec is None else None
+                if entry is not None:
+                    entries.append(entry)
             if known_bad is not None:
                 bad.append((src.label(), known_bad))
                 warn(f"skipping {src.label()}: {known_bad}")
             elif rec is not None:
                 entries.append(Entry(key, src, tuple(rec["shape"]), rec["file"], int(rec["nbytes"]), rec["meta"]))
-            else:
-                entry = self._add(src, key, wanted, warn, bad)
-                if entry is not None:
-                    entries.append(entry)
             if on_progress is not None:
                 on_progress(i + 1, len(sources))
         return entries, bad
+
+    def _lookup(self, key: str) -> tuple[str | None, dict[str, Any] | None]:
+        """(why it is bad, or its index record) for ``key``; (None, None) when it still has to be preprocessed."""
+        with _locked(self.root):
+            index = self._read_index()
+            known_bad = index["bad"].get(key)
+            rec = index["entries"].get(key)
+            if rec is not None and not (self.root / rec["file"]).is_file():
+                rec = None
+            if rec is not None:
+                rec["last_used"] = time.time()
+                self._write_index(index)
+        return known_bad, rec
 
     def _add(self, src: Source, key: str, protected: set[str], warn: Callable[[str], None],
              bad: list[tuple[str, str]]) -> Entry | None:
