@@ -8,10 +8,9 @@ import sys
 from vocoslicer.commands._jobsetup import job_setup
 from vocoslicer.commands._pretrain_tokenizer import (
     add_common,
-    list_inputs,
+    list_or_relaunch,
     load_items,
     parse_crop,
-    relaunch_with_torchrun,
     train_config,
 )
 
@@ -40,9 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler."""
-    code = list_inputs(args)
-    if code is None:
-        code = relaunch_with_torchrun(args)
+    code = list_or_relaunch(args)
     if code is not None:
         return code
     from vocoslicer.errors import UserError

@@ -96,14 +96,15 @@ def load_items(args: argparse.Namespace, events: Any, run_dir: Path | None = Non
     return prepare_volumes(args.data, args.cache or cache_dir() / "pumit", events, run_dir)
 
 
-def list_inputs(args: argparse.Namespace) -> int | None:
-    """``--list-inputs``: print what the run would train on and return 0 (before any run folder or model)."""
-    if not args.list_inputs:
-        return None
-    from vocoslicer.data.anisotropy import find_inputs
-    from vocoslicer.data.sources import print_inputs
+def list_or_relaunch(args: argparse.Namespace) -> int | None:
+    """The exit code when this process is done before training: ``--list-inputs`` printed what the run would train
+    on (no run folder, no model), or ``--gpus N`` ran the command under torchrun; None to train here."""
+    if args.list_inputs:
+        from vocoslicer.data.anisotropy import find_inputs
+        from vocoslicer.data.sources import print_inputs
 
-    return print_inputs(args.data, find_inputs)
+        return print_inputs(args.data, find_inputs)
+    return relaunch_with_torchrun(args)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -129,9 +130,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler."""
-    code = list_inputs(args)
-    if code is None:
-        code = relaunch_with_torchrun(args)
+    code = list_or_relaunch(args)
     if code is not None:
         return code
     from vocoslicer.models.pumit.tokenizer import TOKENIZER_SIZES, TokenizerConfig
