@@ -225,7 +225,7 @@ def find_inputs(paths: Sequence[str | Path | Source]) -> list[Source]:
     out: list[Source] = []
     for p in paths:
         out.extend([p] if isinstance(p, Source) else find_sources([p], VOLUME_EXTENSIONS + IMAGE_2D_EXTENSIONS))
-    return out
+    return list(dict.fromkeys(out))  # overlapping folders: each image once
 
 
 def prepare_volumes(paths: Sequence[str | Path | Source], cache_dir: str | Path, events: Any = None,
