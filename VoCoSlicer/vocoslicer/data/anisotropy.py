@@ -143,12 +143,14 @@ class SameDABatchSampler:
 
 @dataclass(frozen=True)
 class VolumeItem:
-    """One training image: cached array (C, D, H, W) float16 in [0, 1], depth-first spacing, source path."""
+    """One training image: its cached array (C, D, H, W) float16 in [0, 1] at ``array_path`` (None when the cache
+    limit streams it: preprocessed from ``src`` whenever sampled), depth-first spacing, source name."""
 
-    array_path: str
+    array_path: str | None
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
     source: str
+    src: Source | None = None
 
 
 def _to_unit_range(arr: np.ndarray, is_8bit: bool) -> np.ndarray:
@@ -229,22 +231,22 @@ def find_inputs(paths: Sequence[str | Path | Source]) -> list[Source]:
 
 
 def prepare_volumes(paths: Sequence[str | Path | Source], cache_dir: str | Path, events: Any = None,
-                    run_dir: str | Path | None = None) -> list[VolumeItem]:
-    """Cache every input once in the shared pretraining cache at ``cache_dir`` (lock, bad-volume memory) and list
-    the usable ones; ``paths`` are folders/files (searched with :func:`find_inputs`) or sources."""
+                    run_dir: str | Path | None = None, limit_bytes: int | None = None) -> list[VolumeItem]:
+    """Cache every input once in the shared pretraining cache at ``cache_dir`` (lock, bad-volume memory, LRU limit
+    then streaming) and list the usable ones; ``paths`` are folders/files (see :func:`find_inputs`) or sources."""
     from vocoslicer.data.cache import VolumeCache, prepare_entries
     from vocoslicer.errors import UserError
 
     sources = find_inputs(paths)
     if not sources:
         raise UserError(f"{', '.join(str(f) for f in paths)}: no images found (.nii.gz, .nrrd, .mha, DICOM, .png)")
-    cache = VolumeCache(cache_dir, NativePreprocess())
+    cache = VolumeCache(cache_dir, NativePreprocess(), limit_bytes)
     entries = prepare_entries(sources, cache, events, run_dir)
     if not entries:
         raise UserError(f"none of the {len(sources)} images can be read (see the warnings)")
-    return [VolumeItem(str(cache.root / str(e.file)), (e.shape[1], e.shape[2], e.shape[3]),
+    return [VolumeItem(str(cache.root / e.file) if e.file else None, (e.shape[1], e.shape[2], e.shape[3]),
                        (float(e.meta["spacing"][0]), float(e.meta["spacing"][1]), float(e.meta["spacing"][2])),
-                       e.source.label()) for e in entries]
+                       e.source.label(), e.source) for e in entries]
 
 
 class DACropDataset:
@@ -255,13 +257,21 @@ class DACropDataset:
     """
 
     def __init__(self, items: Sequence[VolumeItem], channels: int = 3, augment: bool = True) -> None:
+        from vocoslicer.data.cache import MappedArrays
+
         self.items, self.channels, self.augment = list(items), channels, augment
+        self._maps = MappedArrays()  # per process (workers open their own memory maps)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def _array(self, i: int) -> np.ndarray:
-        return np.load(self.items[i].array_path, mmap_mode="r")
+        item = self.items[i]
+        if item.array_path is None:  # streamed (cache limit): preprocessed now, not kept
+            if item.src is None:
+                raise ValueError(f"{item.source}: neither a cached array nor a source to preprocess")
+            return NativePreprocess()(item.src)[0]
+        return self._maps.get(item.array_path)
 
     def __getitem__(self, req: CropRequest) -> dict:
         import torch

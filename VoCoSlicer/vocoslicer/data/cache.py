@@ -15,6 +15,7 @@ volume being preprocessed is locked too, so that a second process waits for it i
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -34,8 +35,8 @@ from vocoslicer.errors import UserError
 from vocoslicer.io.atomic import atomic_path, atomic_write_json
 from vocoslicer.io.volume import read_image
 
-__all__ = ["Entry", "PreprocessConfig", "Preprocessor", "Source", "VolumeCache", "find_sources", "preprocess",
-           "prepare_entries"]
+__all__ = ["Entry", "MappedArrays", "PreprocessConfig", "Preprocessor", "Source", "VolumeCache", "find_sources",
+           "prepare_entries", "preprocess"]
 
 INDEX = "index.json"
 
@@ -273,6 +274,39 @@ class VolumeCache:
         if entry.file is not None:
             return np.load(self.root / entry.file, mmap_mode="r")
         return self.cfg(entry.source)[0]
+
+
+class MappedArrays:
+    """Read-only memory maps of cached arrays for one process, the ``limit`` most recently used kept open.
+
+    Reopening a map per crop costs a header read; keeping one per volume costs a file descriptor each (CPython's
+    mmap holds a duplicate), and a DataLoader worker that has sampled a thousand volumes would hit the usual
+    1024-descriptor limit. Pickling (to start workers) drops the maps: every process opens its own.
+    """
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = int(limit)
+        self._maps: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+
+    def get(self, path: str | os.PathLike[str]) -> np.ndarray:
+        """The array at ``path`` as a read-only memory map."""
+        key = str(path)
+        arr = self._maps.pop(key, None)
+        if arr is None:
+            arr = np.load(key, mmap_mode="r")
+        self._maps[key] = arr
+        while len(self._maps) > self.limit:
+            self._maps.popitem(last=False)
+        return arr
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"limit": self.limit}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["limit"])  # type: ignore[misc]
 
 
 def prepare_entries(sources: Sequence[Source], cache: VolumeCache, events: Any = None,
