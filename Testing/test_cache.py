@@ -116,3 +116,25 @@ def test_region_padding_and_dataset_items(tmp_path):
     x = ds[0]["base"]
     torch.manual_seed(5)
     torch.testing.assert_close(ds[0]["base"], x)
+
+
+def test_mapped_arrays_bound_open_descriptors_and_are_not_pickled(tmp_path):
+    import os
+    import pickle
+
+    from vocoslicer.data.cache import MappedArrays
+
+    paths = []
+    for i in range(40):
+        paths.append(tmp_path / f"{i}.npy")
+        np.save(paths[-1], np.full((4, 4, 4), i, np.int16))
+    maps = MappedArrays(limit=4)
+    fd_dir = "/proc/self/fd"
+    before = len(os.listdir(fd_dir)) if os.path.isdir(fd_dir) else None
+    for p in paths * 2:
+        assert int(maps.get(p)[0, 0, 0]) == int(p.stem)
+    assert len(maps) == 4
+    if before is not None:  # each open map holds a descriptor: one per volume would be 40 here
+        assert len(os.listdir(fd_dir)) - before <= 4
+    clone = pickle.loads(pickle.dumps(maps))  # DataLoader workers start with no maps of the parent
+    assert len(clone) == 0 and clone.limit == 4 and len(pickle.dumps(maps)) < 200

@@ -30,6 +30,7 @@ def test_demo_bundle_is_complete_and_small():
     bundle.build_model()  # weights match the architecture, sha256 verified
 
 
+@pytest.mark.slow  # ~50 s on one CPU core: three full phantoms through sliding-window inference
 def test_demo_model_dice_on_held_out_phantoms():
     bundle = resolve(None)
     model = bundle.build_model().eval()
@@ -46,6 +47,7 @@ def test_demo_model_dice_on_held_out_phantoms():
     assert np.mean(means) >= MIN_MEAN_DICE, means
 
 
+@pytest.mark.slow  # ~27 s on one CPU core: a child process loads torch, MONAI and the model
 def test_segment_cli_with_default_model(tmp_path):
     ph = generate_phantom(1003, spacing=(4.0, 4.0, 4.0))
     from vocoslicer.data.phantom import write_phantom

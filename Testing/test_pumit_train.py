@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -61,6 +64,25 @@ def test_inputs_are_depth_first_and_cached(items, tmp_path):
     req = next(iter(sampler))[0]
     sample = ds[req]
     assert sample["image"].shape == (3, 1, 32, 32) and sample["aniso_d"] == 5
+
+
+def test_pumit_uses_the_shared_cache_limit_bad_volumes_and_streaming(tmp_path):
+    """The cache policy of VoCo (one pipeline): LRU limit, then streaming; unreadable images skipped, remembered."""
+    data = tmp_path / "data"
+    write_phantom(generate_phantom(1, spacing=(1.5, 1.5, 1.5), size=(40, 40, 36)), data)
+    write_phantom(generate_phantom(2, spacing=(1.0, 1.0, 5.0), size=(40, 40, 16)), data)
+    (data / "broken.nii.gz").write_bytes(b"not an image" * 20)
+    full = prepare_volumes([data], tmp_path / "cache")
+    assert [Path(it.source).name for it in full] == ["phantom_1_ct.nii.gz", "phantom_2_ct.nii.gz"]
+    sizes = [np.load(it.array_path, mmap_mode="r").nbytes for it in full]
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert len(index["entries"]) == 2 and list(index["bad"].values())[0].startswith("cannot read image")
+    small = prepare_volumes([data], tmp_path / "small", limit_bytes=sizes[0] + 10)
+    assert [it.array_path is None for it in small] == [False, True]  # the first fits, the second is streamed
+    ds = DACropDataset(small, augment=False)
+    sampler = SameDABatchSampler([it.shape for it in small], [it.spacing for it in small], 1, 1, 2, zoom=False)
+    req = next(r for batch in sampler for r in batch if r.index == 1)
+    assert ds[req]["image"].shape == (3, *req.shape)
 
 
 def test_tokenizer_steps_reduce_loss(items, tmp_path):

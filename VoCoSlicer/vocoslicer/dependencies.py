@@ -53,6 +53,8 @@ DEPENDENCIES: tuple[Dependency, ...] = (
     Dependency("numpy", "1.24", "Slicer's own build; replacing it breaks compiled modules"),
     Dependency("safetensors", "0.4", "model bundle weights (no pickle, safe to download)", "0.8.0"),
     Dependency("PyYAML", "6", "run configs (--config file.yaml)", "6.0.3", module="yaml"),
+    Dependency("filelock", "3.12", "the one inter-process lock (cache, GPU, cohort manifest); torch needs it too",
+               "4.3.1"),
 )
 
 

@@ -8,9 +8,9 @@ import sys
 from vocoslicer.commands._jobsetup import job_setup
 from vocoslicer.commands._pretrain_tokenizer import (
     add_common,
+    list_or_relaunch,
     load_items,
     parse_crop,
-    relaunch_with_torchrun,
     train_config,
 )
 
@@ -22,8 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "tokenizer's soft tokens of 55%% masked patches; exports the backbone as a "
                                    "bundle in RUNDIR/backbone (usable by finetune/classify as pumit_vit_cls / "
                                    "pumit_vit_seg).")
-    p.add_argument("--tokenizer", required=True, metavar="RUNDIR|BUNDLE",
-                   help="a `pretrain tokenizer` run directory or a tokenizer bundle")
+    p.add_argument("--tokenizer", metavar="RUNDIR|BUNDLE",
+                   help="a `pretrain tokenizer` run directory or a tokenizer bundle (required to train)")
     add_common(p, steps=300_000, batch=14, lr=2e-5, crop="80,160", seed=666)
     p.add_argument("--size", choices=("tiny", "S", "B", "L"), default="B", help="ViT size (paper: B)")
     p.add_argument("--mask-ratio", type=float, default=0.55)
@@ -39,19 +39,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler."""
-    code = relaunch_with_torchrun(args)
+    code = list_or_relaunch(args)
     if code is not None:
         return code
     from vocoslicer.errors import UserError
     from vocoslicer.train.pretrain_pumit import load_tokenizer, train_mim
 
+    if not args.tokenizer:
+        raise UserError("--tokenizer is required (a `pretrain tokenizer` run directory or a tokenizer bundle)")
     if not 0 < args.mask_ratio < 1:
         raise UserError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
     run_dir, events, should_stop = job_setup(args)
     tokenizer = load_tokenizer(args.tokenizer)
     tz, txy = parse_crop(args.crop, tokenizer.stride)
     cfg = train_config(args, grad_clip=args.grad_clip or None, warmup_fraction=10_000 / 300_000)
-    items = load_items(args, events)
+    items = load_items(args, events, run_dir)
     result = train_mim(items, run_dir, tokenizer, cfg, args.size, args.batch, tz, txy, args.mask_ratio,
                        args.mask_layer_start, args.resume, events, args.workers, should_stop,
                        vit_overrides={"grad_ckpt": True} if args.grad_ckpt else None, init=args.init)

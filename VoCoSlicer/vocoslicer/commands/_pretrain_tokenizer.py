@@ -42,6 +42,8 @@ def add_common(p: argparse.ArgumentParser, steps: int, batch: int, lr: float, cr
     p.add_argument("--cache", type=Path, default=None, help="preprocessing cache folder (default: VoCoSlicer home)")
     p.add_argument("--resume", action="store_true", help="continue from RUNDIR/checkpoints/last.pt")
     p.add_argument("--gpus", type=int, default=1, help="GPUs on this machine; > 1 relaunches under torchrun")
+    p.add_argument("--list-inputs", action="store_true",
+                   help="print the images this run would train on (label maps skipped), one per line, and exit")
 
 
 def parse_crop(text: str, stride: int) -> tuple[int, int]:
@@ -87,13 +89,22 @@ def train_config(args: argparse.Namespace, grad_clip: float | None, warmup_fract
                        amsgrad=False)
 
 
-def load_items(args: argparse.Namespace, events: Any) -> list:
-    from vocoslicer.data.anisotropy import find_inputs, prepare_volumes
+def load_items(args: argparse.Namespace, events: Any, run_dir: Path | None = None) -> list:
+    from vocoslicer.data.anisotropy import prepare_volumes
     from vocoslicer.paths import cache_dir
 
-    paths = find_inputs(args.data)
-    events.log(f"preparing {len(paths)} images (cached after the first run)")
-    return prepare_volumes(paths, args.cache or cache_dir() / "pumit")
+    return prepare_volumes(args.data, args.cache or cache_dir() / "pumit", events, run_dir)
+
+
+def list_or_relaunch(args: argparse.Namespace) -> int | None:
+    """The exit code when this process is done before training: ``--list-inputs`` printed what the run would train
+    on (no run folder, no model), or ``--gpus N`` ran the command under torchrun; None to train here."""
+    if args.list_inputs:
+        from vocoslicer.data.anisotropy import find_inputs
+        from vocoslicer.data.sources import print_inputs
+
+        return print_inputs(args.data, find_inputs)
+    return relaunch_with_torchrun(args)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -119,7 +130,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler."""
-    code = relaunch_with_torchrun(args)
+    code = list_or_relaunch(args)
     if code is not None:
         return code
     from vocoslicer.models.pumit.tokenizer import TOKENIZER_SIZES, TokenizerConfig
@@ -138,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = TokenizerRecipe(quant_weight=args.quant_weight, entropy_weight=args.entropy_weight,
                              perceptual_weight=args.perceptual_weight, perceptual=args.perceptual, d_lr=args.d_lr,
                              d_channels=d_channels)
-    items = load_items(args, events)
+    items = load_items(args, events, run_dir)
     result = train_tokenizer(items, run_dir, tok_cfg, cfg, recipe, args.batch, tz, txy, args.resume, events,
                              args.workers, should_stop)
     if result.get("bundle"):

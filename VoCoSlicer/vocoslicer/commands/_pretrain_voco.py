@@ -66,6 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--gpus", type=int, default=1, help="GPUs on this node; > 1 relaunches under torchrun")
     p.add_argument("--print-torchrun", action="store_true", help="print the torchrun command and exit")
+    p.add_argument("--list-inputs", action="store_true",
+                   help="print the volumes this run would train on (label maps skipped), one per line, and exit")
     p.add_argument("--nnodes", type=int, default=1)
     p.add_argument("--node-rank", type=int, default=0)
     p.add_argument("--master-addr", default="127.0.0.1")
@@ -93,6 +95,10 @@ def _child_argv(argv: list[str]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Handler."""
+    if args.list_inputs:  # before torchrun, the run folder and the model: it only reads the folder listing
+        from vocoslicer.data.sources import print_inputs
+
+        return print_inputs(args.data)
     from vocoslicer.train.distributed import torchrun_command
 
     under_torchrun = "WORLD_SIZE" in os.environ

@@ -11,8 +11,15 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from vocoslicer.data.sources import IMAGE_2D_EXTENSIONS, Source, find_sources
+
+__all__ = ["IMAGE_2D_EXTENSIONS", "DACropDataset", "NativePreprocess", "SameDABatchSampler", "VolumeItem",
+           "collate_same_da", "crop_shape", "degree_of_anisotropy", "depth_first", "find_inputs", "load_volume_array",
+           "prepare_volumes", "token_grid"]
 
 TWO_D_DEPTH_SPACING = 1e8  # a 2D image is one slice "with sufficiently large thickness"
 
@@ -134,17 +141,16 @@ class SameDABatchSampler:
 # ---------------------------------------------------------------------------------------------------------------
 # Volumes on disk -> cached depth-first float16 arrays -> same-DA crops
 
-IMAGE_2D_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
 @dataclass(frozen=True)
 class VolumeItem:
-    """One training image: cached array (C, D, H, W) float16 in [0, 1], depth-first spacing, source path."""
+    """One training image: its cached array (C, D, H, W) float16 in [0, 1] at ``array_path`` (None when the cache
+    limit streams it: preprocessed from ``src`` whenever sampled), depth-first spacing, source name."""
 
-    array_path: str
+    array_path: str | None
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
     source: str
+    src: Source | None = None
 
 
 def _to_unit_range(arr: np.ndarray, is_8bit: bool) -> np.ndarray:
@@ -161,7 +167,7 @@ def _to_unit_range(arr: np.ndarray, is_8bit: bool) -> np.ndarray:
     return np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
 
 
-def load_volume_array(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+def load_volume_array(path: str | Path, series_uid: str | None = None) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Read a volume, DICOM folder or 2D image as (C, D, H, W) float32 in [0, 1] and depth-first spacing.
 
     2D images become one slice with depth spacing 1e8 (so their DA is the maximum); colour channels are kept.
@@ -172,7 +178,7 @@ def load_volume_array(path: str | Path) -> tuple[np.ndarray, tuple[float, float,
     from vocoslicer.io.volume import read_image
 
     p = Path(path)
-    img = read_image(p, validate=False)
+    img = read_image(p, series_uid=series_uid, validate=False)
     if img.GetDimension() == 4 and img.GetSize()[3] == 1:
         img = img[:, :, :, 0]
     arr = sitk.GetArrayFromImage(img)  # (z, y, x[, c]) or (y, x[, c])
@@ -197,61 +203,50 @@ def load_volume_array(path: str | Path) -> tuple[np.ndarray, tuple[float, float,
     return np.ascontiguousarray(chw), spacing
 
 
-def _cache_key(path: Path) -> str:
-    import hashlib
+@dataclass(frozen=True)
+class NativePreprocess:
+    """PUMIT's preprocessor for the shared cache (:mod:`vocoslicer.data.cache`): native spacing, depth first.
 
-    st = path.stat() if path.is_file() else None
-    text = f"{path.resolve()}|{st.st_size if st else 'dir'}|{st.st_mtime_ns if st else 0}|v1"
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+    No resampling and no HU window, unlike VoCo: SAC networks take any spacing (a crop's DA comes from the stored
+    spacing) and PUMIT mixes CT, MR and photos. Arrays are (C, D, H, W) float16 in [0, 1]; ``layout`` is part of
+    the cache key, so entries never mix with another recipe's arrays in a shared cache folder.
+    """
 
+    layout: str = "CDHW-depth-first-float16"
 
-def prepare_volumes(paths: Sequence[str | Path], cache_dir: str | Path) -> list[VolumeItem]:
-    """Convert every input once into ``cache_dir/<key>.npy`` (float16, read later with mmap) and list them."""
-    import json
-
-    from vocoslicer.io.atomic import atomic_path, atomic_write_json
-
-    cache = Path(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    items = []
-    for src in paths:
-        p = Path(src)
-        key = _cache_key(p)
-        npy, meta = cache / f"{key}.npy", cache / f"{key}.json"
-        if not (npy.is_file() and meta.is_file()):
-            arr, spacing = load_volume_array(p)
-            with atomic_path(npy) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, arr.astype(np.float16))
-            atomic_write_json(meta, {"shape": list(arr.shape), "spacing": list(spacing), "source": str(p)})
-        info = json.loads(meta.read_text(encoding="utf-8"))
-        items.append(VolumeItem(str(npy), tuple(info["shape"][1:]), tuple(info["spacing"]), str(p)))
-    return items
+    def __call__(self, source: Source) -> tuple[np.ndarray, dict]:
+        """(array, {"spacing": depth-first spacing}) of ``source``."""
+        arr, spacing = load_volume_array(source.path, source.series_uid)
+        return arr.astype(np.float16), {"spacing": list(spacing)}
 
 
-def find_inputs(folders: Sequence[str | Path]) -> list[Path]:
-    """Volume files, 2D images and DICOM series folders found (recursively) under ``folders``, sorted."""
-    from vocoslicer.errors import UserError
+def find_inputs(paths: Sequence[str | Path | Source]) -> list[Source]:
+    """PUMIT's inputs: the shared finder (label maps skipped) with 2D images added to the volume types."""
     from vocoslicer.io.volume import VOLUME_EXTENSIONS
 
-    found: set[Path] = set()
-    for folder in folders:
-        root = Path(folder)
-        if root.is_file():
-            found.add(root)
-            continue
-        if not root.is_dir():
-            raise UserError(f"{root}: no such file or folder")
-        for f in root.rglob("*"):
-            name = f.name.lower()
-            if f.is_file() and name.endswith(VOLUME_EXTENSIONS + IMAGE_2D_EXTENSIONS) and "_truth" not in name \
-                    and not name.endswith(".seg.nrrd"):
-                found.add(f)
-            elif f.is_file() and name.endswith(".dcm"):
-                found.add(f.parent)
-    if not found:
-        raise UserError(f"{', '.join(str(f) for f in folders)}: no images found (.nii.gz, .nrrd, .mha, DICOM, .png)")
-    return sorted(found)
+    out: list[Source] = []
+    for p in paths:
+        out.extend([p] if isinstance(p, Source) else find_sources([p], VOLUME_EXTENSIONS + IMAGE_2D_EXTENSIONS))
+    return list(dict.fromkeys(out))  # overlapping folders: each image once
+
+
+def prepare_volumes(paths: Sequence[str | Path | Source], cache_dir: str | Path, events: Any = None,
+                    run_dir: str | Path | None = None, limit_bytes: int | None = None) -> list[VolumeItem]:
+    """Cache every input once in the shared pretraining cache at ``cache_dir`` (lock, bad-volume memory, LRU limit
+    then streaming) and list the usable ones; ``paths`` are folders/files (see :func:`find_inputs`) or sources."""
+    from vocoslicer.data.cache import VolumeCache, prepare_entries
+    from vocoslicer.errors import UserError
+
+    sources = find_inputs(paths)
+    if not sources:
+        raise UserError(f"{', '.join(str(f) for f in paths)}: no images found (.nii.gz, .nrrd, .mha, DICOM, .png)")
+    cache = VolumeCache(cache_dir, NativePreprocess(), limit_bytes)
+    entries = prepare_entries(sources, cache, events, run_dir)
+    if not entries:
+        raise UserError(f"none of the {len(sources)} images can be read (see the warnings)")
+    return [VolumeItem(str(cache.root / e.file) if e.file else None, (e.shape[1], e.shape[2], e.shape[3]),
+                       (float(e.meta["spacing"][0]), float(e.meta["spacing"][1]), float(e.meta["spacing"][2])),
+                       e.source.label(), e.source) for e in entries]
 
 
 class DACropDataset:
@@ -262,13 +257,21 @@ class DACropDataset:
     """
 
     def __init__(self, items: Sequence[VolumeItem], channels: int = 3, augment: bool = True) -> None:
+        from vocoslicer.data.cache import MappedArrays
+
         self.items, self.channels, self.augment = list(items), channels, augment
+        self._maps = MappedArrays()  # per process (workers open their own memory maps)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def _array(self, i: int) -> np.ndarray:
-        return np.load(self.items[i].array_path, mmap_mode="r")
+        item = self.items[i]
+        if item.array_path is None:  # streamed (cache limit): preprocessed now, not kept
+            if item.src is None:
+                raise ValueError(f"{item.source}: neither a cached array nor a source to preprocess")
+            return NativePreprocess()(item.src)[0]
+        return self._maps.get(item.array_path)
 
     def __getitem__(self, req: CropRequest) -> dict:
         import torch

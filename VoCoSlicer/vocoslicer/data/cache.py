@@ -1,37 +1,50 @@
-"""Preprocessing cache for self-supervised pretraining: one-time RAS/spacing/window → memory-mapped arrays.
+"""Preprocessing cache of every pretraining recipe: each volume is preprocessed once into a memory-mapped array.
 
 The official code caches MONAI ``PersistentDataset`` pickles (30 TB for 160K CTs). Here each volume is
-preprocessed once into a plain ``.npy`` (int16 HU clipped to the window, or uint8 scaled) that DataLoader workers
-memory-map, so a crop reads only its own voxels. Entries are keyed by a hash of (source path, mtime, size,
-preprocessing config): editing a file or changing the spacing makes a new entry, runs reuse the rest. A byte
-limit evicts least-recently-used entries of other runs; what still does not fit is streamed (preprocessed on
-the fly each time it is sampled) instead of cached. Unreadable, empty, tiny or 2-D volumes are listed as bad
-(remembered in the index, never retried until the file changes) and skipped.
+preprocessed once into a plain ``.npy`` that DataLoader workers memory-map, so a crop reads only its own voxels.
+What "preprocessed" means is the recipe's *preprocessor*: a frozen dataclass called as ``cfg(source) -> (array,
+meta)`` (VoCo: :class:`PreprocessConfig`, RAS + resampling + HU window; PUMIT: native spacing, depth first, see
+:mod:`vocoslicer.data.anisotropy`). Entries are keyed by a hash of (source path, mtime, size, preprocessor
+fields): editing a file or changing the spacing makes a new entry, runs reuse the rest. A byte limit evicts
+least-recently-used entries of other runs; what still does not fit is streamed (preprocessed on the fly each
+time it is sampled) instead of cached. Unreadable, empty, tiny or 2-D volumes are listed as bad (remembered in
+the index, never retried until the file changes) and skipped. Runs and torchrun ranks may share a cache folder:
+index updates happen under a ``filelock`` lock (released by the OS if the holder dies; Windows too), and a
+volume being preprocessed is locked too, so that a second process waits for it instead of doing it again.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
 import os
-import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import SimpleITK as sitk
+from filelock import FileLock
 
+from vocoslicer.data.sources import Source, find_sources
 from vocoslicer.errors import UserError
 from vocoslicer.io.atomic import atomic_path, atomic_write_json
-from vocoslicer.io.volume import VOLUME_EXTENSIONS, list_dicom_series, read_image
+from vocoslicer.io.volume import read_image
+
+__all__ = ["Entry", "MappedArrays", "PreprocessConfig", "Preprocessor", "Source", "VolumeCache", "find_sources",
+           "prepare_entries", "preprocess"]
 
 INDEX = "index.json"
-SKIP_DIRS = {"labelsTr", "labelsTs", "labels", "masks"}  # segmentation folders next to images (nnU-Net layout)
-LABEL_HINTS = ("label", "truth", "seg", "mask")  # name tokens of label maps stored next to images
+
+
+class Preprocessor(Protocol):
+    """What a recipe gives the cache: a frozen dataclass (its fields key the entries) that preprocesses a source."""
+
+    def __call__(self, source: Source) -> tuple[np.ndarray, dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -52,34 +65,15 @@ class PreprocessConfig:
         if not self.a_max > self.a_min:
             raise UserError(f"intensity window: a_max ({self.a_max}) must be above a_min ({self.a_min})")
 
+    def __call__(self, source: Source) -> tuple[np.ndarray, dict[str, Any]]:
+        """The VoCo preprocessor: :func:`preprocess` with this configuration."""
+        return preprocess(source, self)
+
     def to_unit(self, arr: np.ndarray) -> np.ndarray:
         """Stored values → float32 in [0, 1] (ScaleIntensityRange(a_min, a_max, 0, 1, clip) of the original)."""
         if self.dtype == "uint8":
             return arr.astype(np.float32) * np.float32(1 / 255)
         return (arr.astype(np.float32) - np.float32(self.a_min)) * np.float32(1 / (self.a_max - self.a_min))
-
-
-@dataclass(frozen=True)
-class Source:
-    """An input volume: a file, or a DICOM series (folder + series UID)."""
-
-    path: str
-    series_uid: str | None = None
-
-    def label(self) -> str:
-        """Human-readable name for logs."""
-        return self.path + (f" [{self.series_uid}]" if self.series_uid else "")
-
-    def signature(self) -> dict[str, Any]:
-        """Path + modification time + size: changes whenever the data may have changed."""
-        p = Path(self.path)
-        if p.is_dir():
-            files = [f for f in p.rglob("*") if f.is_file()]
-            st = [f.stat() for f in files]
-            return {"path": str(p.resolve()), "uid": self.series_uid, "mtime_ns": max((s.st_mtime_ns for s in st),
-                    default=0), "size": sum(s.st_size for s in st), "files": len(files)}
-        s = p.stat()
-        return {"path": str(p.resolve()), "mtime_ns": s.st_mtime_ns, "size": s.st_size}
 
 
 @dataclass
@@ -88,7 +82,7 @@ class Entry:
 
     key: str
     source: Source
-    shape: tuple[int, int, int]
+    shape: tuple[int, ...]
     file: str | None = None
     nbytes: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
@@ -97,32 +91,6 @@ class Entry:
     def cached(self) -> bool:
         """True when the array is on disk in the cache."""
         return self.file is not None
-
-
-def find_sources(paths: Sequence[str | os.PathLike[str]]) -> list[Source]:
-    """Every volume file and DICOM series below ``paths`` (files are taken as given), sorted for determinism."""
-    out: list[Source] = []
-    for raw in paths:
-        p = Path(raw)
-        if not p.exists():
-            raise UserError(f"{p}: no such file or folder")
-        if p.is_file():
-            out.append(Source(str(p)))
-            continue
-        dicom_dirs: set[Path] = set()
-        for f in sorted(p.rglob("*")):
-            if not f.is_file() or SKIP_DIRS & set(f.relative_to(p).parts[:-1]):
-                continue
-            name = f.name.lower()
-            if any(tok.startswith(LABEL_HINTS) for tok in re.split(r"[_\-.\s]+", name)):
-                continue
-            if name.endswith(VOLUME_EXTENSIONS):
-                out.append(Source(str(f)))
-            elif name.endswith(".dcm") or ("." not in name and f.stat().st_size > 132):
-                dicom_dirs.add(f.parent)
-        for d in sorted(dicom_dirs):
-            out.extend(Source(str(d), s.uid) for s in list_dicom_series(d) if Path(s.files[0]).parent == d)
-    return sorted(set(out), key=lambda s: (s.path, s.series_uid or ""))
 
 
 def preprocess(source: Source, cfg: PreprocessConfig) -> tuple[np.ndarray, dict[str, Any]]:
@@ -158,30 +126,23 @@ def preprocess(source: Source, cfg: PreprocessConfig) -> tuple[np.ndarray, dict[
     return np.ascontiguousarray(out), meta
 
 
-@contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
+def _locked(root: Path) -> FileLock:
     # several runs (or torchrun ranks) may share a cache folder: serialise index updates
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "a+") as fh:
-        try:
-            import fcntl
-
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except ImportError:  # pragma: no cover - Windows: single-run use only
-            pass
-        yield
+    return FileLock(root / ".lock")
 
 
 class VolumeCache:
     """A cache folder: ``index.json`` + ``volumes/<key>.npy``; see the module docstring for the policy."""
 
-    def __init__(self, root: str | os.PathLike[str], cfg: PreprocessConfig | None = None,
+    def __init__(self, root: str | os.PathLike[str], cfg: Preprocessor | None = None,
                  limit_bytes: int | None = None) -> None:
         self.root = Path(root)
-        self.cfg = cfg or PreprocessConfig()
+        self.cfg: Any = cfg or PreprocessConfig()
         self.limit_bytes = limit_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "volumes").mkdir(exist_ok=True)
+        (self.root / "locks").mkdir(exist_ok=True)
 
     # ---------------------------------------------------------------- index
     def _read_index(self) -> dict[str, Any]:
@@ -227,32 +188,42 @@ class VolumeCache:
                 self._write_index(index)
         for i, src in enumerate(sources):
             key = keys[src]
-            with _locked(self.root):
-                index = self._read_index()
-                known_bad = index["bad"].get(key)
-                rec = index["entries"].get(key)
-                if rec is not None and not (self.root / rec["file"]).is_file():
-                    rec = None
-                if rec is not None:
-                    rec["last_used"] = time.time()
-                    self._write_index(index)
+            known_bad, rec = self._lookup(key)
+            if known_bad is None and rec is None:
+                # one process preprocesses a volume; another run or torchrun rank that needs it meanwhile waits
+                # here and then reuses it, so ranks that prepare the same list share the work instead of doubling
+                # it. 256 lock files (by key prefix), not one per volume: a 160K-volume cache stays tidy.
+                with FileLock(self.root / "locks" / f"{key[:2]}.lock"):
+                    known_bad, rec = self._lookup(key)
+                    entry = self._add(src, key, wanted, warn, bad) if known_bad is None and rec is None else None
+                if entry is not None:
+                    entries.append(entry)
             if known_bad is not None:
                 bad.append((src.label(), known_bad))
                 warn(f"skipping {src.label()}: {known_bad}")
             elif rec is not None:
                 entries.append(Entry(key, src, tuple(rec["shape"]), rec["file"], int(rec["nbytes"]), rec["meta"]))
-            else:
-                entry = self._add(src, key, wanted, warn, bad)
-                if entry is not None:
-                    entries.append(entry)
             if on_progress is not None:
                 on_progress(i + 1, len(sources))
         return entries, bad
 
+    def _lookup(self, key: str) -> tuple[str | None, dict[str, Any] | None]:
+        """(why it is bad, or its index record) for ``key``; (None, None) when it still has to be preprocessed."""
+        with _locked(self.root):
+            index = self._read_index()
+            known_bad = index["bad"].get(key)
+            rec = index["entries"].get(key)
+            if rec is not None and not (self.root / rec["file"]).is_file():
+                rec = None
+            if rec is not None:
+                rec["last_used"] = time.time()
+                self._write_index(index)
+        return known_bad, rec
+
     def _add(self, src: Source, key: str, protected: set[str], warn: Callable[[str], None],
              bad: list[tuple[str, str]]) -> Entry | None:
         try:
-            arr, meta = preprocess(src, self.cfg)
+            arr, meta = self.cfg(src)
         except UserError as exc:
             reason = str(exc).split(": ", 1)[-1] if str(exc).startswith(src.path) else str(exc)
             with _locked(self.root):
@@ -302,4 +273,59 @@ class VolumeCache:
         """The stored array of ``entry``: a read-only memory map when cached, else preprocessed now."""
         if entry.file is not None:
             return np.load(self.root / entry.file, mmap_mode="r")
-        return preprocess(entry.source, self.cfg)[0]
+        return self.cfg(entry.source)[0]
+
+
+class MappedArrays:
+    """Read-only memory maps of cached arrays for one process, the ``limit`` most recently used kept open.
+
+    Reopening a map per crop costs a header read; keeping one per volume costs a file descriptor each (CPython's
+    mmap holds a duplicate), and a DataLoader worker that has sampled a thousand volumes would hit the usual
+    1024-descriptor limit. Pickling (to start workers) drops the maps: every process opens its own.
+    """
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = int(limit)
+        self._maps: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+
+    def get(self, path: str | os.PathLike[str]) -> np.ndarray:
+        """The array at ``path`` as a read-only memory map."""
+        key = str(path)
+        arr = self._maps.pop(key, None)
+        if arr is None:
+            arr = np.load(key, mmap_mode="r")
+        self._maps[key] = arr
+        while len(self._maps) > self.limit:
+            self._maps.popitem(last=False)
+        return arr
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"limit": self.limit}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["limit"])  # type: ignore[misc]
+
+
+def prepare_entries(sources: Sequence[Source], cache: VolumeCache, events: Any = None,
+                    run_dir: str | os.PathLike[str] | None = None) -> list[Entry]:
+    """Cache ``sources`` for a run and report it: the one data-preparation step of every pretraining recipe.
+
+    Progress goes out as ``stage="cache"`` events and one warning per skipped volume; ``run_dir/bad_volumes.json``
+    lists what was skipped and why, so the user can fix the data without reading the whole log.
+    """
+    from vocoslicer.jobs.events import NULL_SINK
+
+    ev = events if events is not None else NULL_SINK
+    ev.log(f"{len(sources)} volumes found; preprocessing into {cache.root} (once, reused by later runs)")
+    entries, bad = cache.prepare(sources, on_warning=ev.warning,
+                                 on_progress=lambda i, n: ev.progress(i, n, stage="cache"))
+    if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(run_dir) / "bad_volumes.json", [{"source": s, "reason": r} for s, r in bad])
+    streamed = sum(not e.cached for e in entries)
+    ev.log(f"{len(entries)} usable volumes ({streamed} streamed), {len(bad)} skipped; cache "
+           f"{cache.size_bytes() / 1e9:.2f} GB")
+    return entries

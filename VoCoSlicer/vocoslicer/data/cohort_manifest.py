@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+from filelock import FileLock, Timeout
 
 from vocoslicer.errors import UserError
 from vocoslicer.io.atomic import atomic_write_json
@@ -34,43 +34,15 @@ SPLITS = ("train", "val")
 
 @contextlib.contextmanager
 def file_lock(path: Path, timeout: float = 120.0) -> Iterator[None]:
-    """Hold an exclusive OS lock on ``path`` (released by the OS if the holder dies, so no stale locks)."""
+    """Hold an exclusive OS lock on ``path`` (``filelock``: released by the OS if the holder dies, so no stale
+    locks); a one-line error after ``timeout`` seconds, since the holder may be a Slicer session left open."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+b")  # noqa: SIM115 - closed in finally
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            try:
-                if sys.platform == "win32":
-                    import msvcrt
-
-                    fh.seek(0)
-                    msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
-                else:
-                    import fcntl
-
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise UserError(f"{path.parent}: the cohort is locked by another process "
-                                    f"(waited {timeout:.0f} s)") from None
-                time.sleep(0.05)
+        lock = FileLock(path).acquire(timeout=timeout)
+    except Timeout:
+        raise UserError(f"{path.parent}: the cohort is locked by another process (waited {timeout:.0f} s)") from None
+    with lock:
         yield
-    finally:
-        try:
-            if sys.platform == "win32":
-                import msvcrt
-
-                fh.seek(0)
-                with contextlib.suppress(OSError):
-                    msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
-            else:
-                import fcntl
-
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        finally:
-            fh.close()
 
 
 def empty_manifest(val_ratio: float) -> dict[str, Any]:

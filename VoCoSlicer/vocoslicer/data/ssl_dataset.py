@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
-from vocoslicer.data.cache import Entry, VolumeCache
+from vocoslicer.data.cache import Entry, MappedArrays, VolumeCache
 from vocoslicer.ssl.voco import VoCoGeometry, augment_crop, cut_crops, position_labels, sample_random_centres
 
 
@@ -47,7 +47,7 @@ class VoCoCropDataset(Dataset):
         self.cache, self.entries, self.geometry = cache, list(entries), geometry
         self.length = int(length) if length else len(self.entries)
         self.augment = augment
-        self._maps: dict[str, np.ndarray] = {}  # per process (workers open their own memory maps)
+        self._maps = MappedArrays()  # per process (workers open their own memory maps)
 
     def __len__(self) -> int:
         return self.length
@@ -55,10 +55,7 @@ class VoCoCropDataset(Dataset):
     def _array(self, entry: Entry) -> np.ndarray:
         if not entry.cached:
             return self.cache.open(entry)  # streamed: preprocessed now, not kept
-        arr = self._maps.get(entry.key)
-        if arr is None:
-            arr = self._maps[entry.key] = self.cache.open(entry)
-        return arr
+        return self._maps.get(self.cache.root / str(entry.file))
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         g = self.geometry

@@ -1,7 +1,8 @@
 """One job per GPU at a time: an advisory inter-process lock per physical device.
 
-The lock is ``flock`` on ``<VOCOSLICER_HOME>/locks/gpu-<key>.lock``; the kernel drops it when the holding process
-dies (even ``kill -9``), so a crashed job never blocks the GPU. ``<key>`` is the *physical* device: under
+The lock is a ``filelock`` lock (``flock`` on POSIX, a byte-range lock on Windows) on
+``<VOCOSLICER_HOME>/locks/gpu-<key>.lock``; the OS drops it when the holding process dies (even ``kill -9``), so a
+crashed job never blocks the GPU. ``<key>`` is the *physical* device: under
 ``CUDA_VISIBLE_DEVICES=3`` the process's ``cuda:0`` is GPU 3, and two jobs that both see it as ``cuda:0`` must
 still queue. A sidecar ``gpu-<key>.json`` names the holder so that a waiting job can tell the user who it waits
 for.
@@ -18,34 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from vocoslicer import paths
 from vocoslicer.io.atomic import atomic_write_json
-
-if os.name == "nt":  # pragma: no cover - Windows: byte-range locks on the lock file
-    import msvcrt
-
-    def _try_lock(fd: int) -> bool:
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-            return True
-        except OSError:
-            return False
-
-    def _unlock(fd: int) -> None:
-        os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-else:
-    import fcntl
-
-    def _try_lock(fd: int) -> bool:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-
-    def _unlock(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def physical_gpu_key(device: str | int) -> str:
@@ -93,26 +70,27 @@ def gpu_lock(
     from vocoslicer.errors import Cancelled
 
     key = physical_gpu_key(device)
-    lock_file = paths.locks_dir() / f"gpu-{key}.lock"
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        waited = False
-        while not _try_lock(fd):
-            if not waited:
-                waited = True
-                if on_wait is not None:
-                    holder = lock_holder(key)
-                    holder.setdefault("gpu", key)
-                    on_wait(holder)
-            if should_stop is not None and should_stop():
-                raise Cancelled(f"cancelled while waiting for GPU {key}")
-            time.sleep(poll_s)
+    lock = FileLock(paths.locks_dir() / f"gpu-{key}.lock")
+    waited = False
+    while True:
         try:
-            atomic_write_json(paths.locks_dir() / f"gpu-{key}.json",
-                              {"gpu": key, "pid": os.getpid(), "run_dir": str(run_dir) if run_dir else None,
-                               "since": time.time()})
-            yield key
-        finally:
-            _unlock(fd)
+            lock.acquire(timeout=0)
+            break
+        except Timeout:
+            pass
+        if not waited:
+            waited = True
+            if on_wait is not None:
+                holder = lock_holder(key)
+                holder.setdefault("gpu", key)
+                on_wait(holder)
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"cancelled while waiting for GPU {key}")
+        time.sleep(poll_s)
+    try:
+        atomic_write_json(paths.locks_dir() / f"gpu-{key}.json",
+                          {"gpu": key, "pid": os.getpid(), "run_dir": str(run_dir) if run_dir else None,
+                           "since": time.time()})
+        yield key
     finally:
-        os.close(fd)
+        lock.release()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vocoslicer.data.cache import PreprocessConfig, VolumeCache, find_sources
+from vocoslicer.data.cache import PreprocessConfig, VolumeCache, find_sources, prepare_entries
 from vocoslicer.data.ssl_dataset import VoCoCropDataset, voco_loader, voco_step
 from vocoslicer.errors import UserError
 from vocoslicer.io.atomic import atomic_write_json
@@ -87,16 +87,8 @@ def _prepare_data(data: list[str], recipe: VoCoRecipe, run_dir: Path, ctx: D.Dis
     limit = int(recipe.cache_limit_gb * 1e9) if recipe.cache_limit_gb is not None else None
     cache = VolumeCache(root, recipe.preprocess, limit)
     payload: list[Any] = [None]
-    if ctx.is_main:
-        sources = find_sources(data)
-        events.log(f"{len(sources)} volumes found; preprocessing into {root} (once, reused by later runs)")
-        entries, bad = cache.prepare(sources, on_warning=events.warning,
-                                     on_progress=lambda i, n: events.progress(i, n, stage="cache"))
-        atomic_write_json(run_dir / "bad_volumes.json", [{"source": s, "reason": r} for s, r in bad])
-        streamed = sum(not e.cached for e in entries)
-        events.log(f"{len(entries)} usable volumes ({streamed} streamed), {len(bad)} skipped; cache "
-                   f"{cache.size_bytes() / 1e9:.2f} GB")
-        payload = [entries]
+    if ctx.is_main:  # the other ranks wait: one process preprocesses, all train on the same entry list
+        payload = [prepare_entries(find_sources(data), cache, events, run_dir)]
     if ctx.distributed:
         torch.distributed.broadcast_object_list(payload, src=0)
     entries = payload[0]
