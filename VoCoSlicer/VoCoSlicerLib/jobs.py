@@ -21,7 +21,6 @@ and nothing here waits on the caller's thread.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import queue
 import signal
@@ -43,11 +42,14 @@ from VoCoSlicerLib.engine import (
 )
 from VoCoSlicerLib.job_runs import (
     FINAL,
+    _client_event,
+    _read_lines,
     append_events,
     finalize_run_json,
     last_error,
     list_runs,
     new_run_dir,
+    parse_event_line,
     pid_alive,
     read_run,
     write_json_atomic,
@@ -57,41 +59,6 @@ IS_WINDOWS = os.name == "nt"
 
 __all__ = ["ENGINE_DIR", "Job", "JobError", "child_env", "last_error", "list_runs", "new_run_dir",
            "parse_event_line", "read_run", "resolve_python", "set_startup_environment"]
-
-
-def _client_event(kind: str, **fields: Any) -> dict[str, Any]:
-    return {"t": round(time.time(), 3), "kind": kind, "source": "client", **fields}
-
-
-def parse_event_line(line: str, text_is_log: bool = False) -> dict[str, Any] | None:
-    """One event from one line; a malformed line becomes a ``warning`` event (``None`` for a blank line).
-
-    ``text_is_log``: on a stdout channel, plain text that does not even look like JSON (a library printing)
-    becomes a ``log`` event instead of a warning.
-    """
-    line = line.strip()
-    if not line:
-        return None
-    if text_is_log and not line.startswith("{"):
-        return _client_event("log", level="stdout", message=line)
-    try:
-        event = json.loads(line)
-    except ValueError:
-        event = None
-    if not isinstance(event, dict) or not isinstance(event.get("kind"), str):
-        return _client_event("warning", message=f"skipped a malformed event line: {line[:200]}")
-    return event
-
-
-def _read_lines(stream: Any, tag: str, out: queue.Queue) -> None:
-    # reader thread: binary lines, decoded leniently (a non-UTF-8 console must not kill the reader)
-    try:
-        for raw in iter(stream.readline, b""):
-            out.put((tag, raw.decode("utf-8", errors="replace")))
-    except (OSError, ValueError):
-        pass
-    finally:
-        out.put((tag, None))
 
 
 class Job:
@@ -126,6 +93,7 @@ class Job:
         self._saw_done = False
         self._finished = False
         self._console: Any = None
+        self._over = False  # attached to a run whose record says it has ended
 
     # ---------------------------------------------------------------- starting
     @classmethod
@@ -212,7 +180,8 @@ class Job:
         job.detached = True
         job._offset = offset
         job.status = run.get("status") or "starting"
-        if not IS_WINDOWS and pid_alive(job.pid, job._pid_start):
+        job._over = job.status in FINAL or job.status == "dead"  # a recorded end: its pid may be someone else's now
+        if not IS_WINDOWS and not job._over and pid_alive(job.pid, job._pid_start):
             job._engine = (int(job.pid), job._pid_start)  # type: ignore[arg-type]
             info = proctree._stat(int(job.pid))  # type: ignore[arg-type]
             # its own group, or the launcher's (the engine's parent leads the group the client created)
@@ -263,7 +232,7 @@ class Job:
             return True
         if self._engine is not None and self._engine[0] != (self._proc.pid if self._proc else None):
             return pid_alive(*self._engine)  # the launcher may be gone while the engine still saves
-        if self._proc is not None:
+        if self._proc is not None or self._over:
             return False
         return pid_alive(self.pid, self._pid_start)
 
@@ -358,7 +327,9 @@ class Job:
         else:
             events, at_end = self._read_queue_events()
             if not alive and at_end and self._open_streams > 0:  # pipes still draining: look again next poll
-                self._drain_until = self._drain_until or time.monotonic() + self.drain_s
+                if self._drain_until is None:  # a leftover grandchild may hold them open: sweep it now
+                    self._kill_tree()
+                    self._drain_until = time.monotonic() + self.drain_s
                 at_end = time.monotonic() >= self._drain_until
         if self._kill_at is not None and alive and time.monotonic() >= self._kill_at:
             self._kill_tree()
