@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 
 from VoCoSlicerLib import proctree
 from VoCoSlicerLib.job_runs import read_run
-from VoCoSlicerLib.jobs import Job
+from VoCoSlicerLib.jobs import ENGINE_DIR, Job
 
 LAUNCHER = """#!{python}
 import os, signal, subprocess, sys
@@ -139,3 +140,25 @@ def test_stdout_job_behind_a_launcher_cancels_gracefully(launcher, tmp_path):
     assert job.status == "cancelled" and job.returncode == 3
     assert any(e["kind"] == "done" and e.get("exit_code") == 3 and e.get("source") != "client" for e in seen)
     assert not _gone(_tree_pids(tmp_path))
+
+
+def test_reattached_detached_run_behind_a_launcher_cancels_gracefully(launcher, tmp_path):
+    run_dir = tmp_path / "run"
+    first_session = (  # an earlier Slicer session started the run, detached, and went away
+        "from VoCoSlicerLib.jobs import Job; "
+        f"j = Job.start(['selftest', 'job', '--spawn-child', '--steps', '400'], python={str(launcher)!r}, "
+        f"run_dir={str(run_dir)!r}, detached=True); print(j.pid)"
+    )
+    out = subprocess.run([sys.executable, "-c", first_session], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "PYTHONPATH": str(ENGINE_DIR)})
+    launcher_pid = int(out.stdout)
+    _wait_for(lambda: len(_tree_pids(tmp_path)) == 4 and _file_has(run_dir / "events.jsonl", '"progress"'))
+    job = Job.attach(run_dir)
+    engine_pid, grouped, alone, child = _tree_pids(tmp_path)
+    assert job.pid == engine_pid
+    job.cancel(grace_s=5)
+    job.wait(timeout=30)
+    run = read_run(run_dir)
+    assert run["status"] == "cancelled" and run["exit_code"] == 3 and "finalized_by" not in run
+    left = _gone([launcher_pid, engine_pid, grouped, alone, child])
+    assert not left, f"processes of the tree survived the cancel: {left}"

@@ -184,8 +184,9 @@ class Job:
         if not IS_WINDOWS and not job._over and pid_alive(job.pid, job._pid_start):
             job._engine = (int(job.pid), job._pid_start)  # type: ignore[arg-type]
             info = proctree._stat(int(job.pid))  # type: ignore[arg-type]
-            # its own group, or the launcher's (the engine's parent leads the group the client created)
-            if info is not None and info[1] in (job.pid, info[0]) and info[1] != os.getpgrp():
+            # its own group, or the group of the launcher the client started (launch.json: the engine's parent)
+            leaders = (job.pid, info[0] if info is not None and info[0] == launch.get("pid") else None)
+            if info is not None and info[1] in leaders and info[1] != os.getpgrp():
                 job._pgid = info[1]
         return job
 
