@@ -54,13 +54,16 @@ def test_attach_reads_a_long_log_in_bounded_batches(tmp_path):
 def test_driver_attach_replays_over_many_ticks(tmp_path):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     run, shortest = _long_run(tmp_path, pid=int(gone.stdout))
-    driver = JobDriver("Launch")
-    driver.attach(run)
-    ticks, biggest = 0, 0
-    while driver.busy and ticks < 10_000:
-        biggest = max(biggest, len(driver.tick()))
-        ticks += 1
-    assert driver.state.state is JobState.DONE
-    assert ticks > 10 and biggest <= Job.read_limit // shortest + 1
-    steps, values = driver.metrics.arrays("train/loss")
-    assert len(steps) == N and values[-1] == 1.0 / (N + 1)
+    for budget in (0.0, JobDriver.tick_budget_s):  # one batch per tick; batches within the default budget
+        driver = JobDriver("Launch")
+        driver.tick_budget_s = budget
+        driver.attach(run)
+        ticks, biggest = 0, 0
+        while driver.busy and ticks < 10_000:
+            biggest = max(biggest, len(driver.tick()))
+            ticks += 1
+        assert driver.state.state is JobState.DONE
+        steps, values = driver.metrics.arrays("train/loss")
+        assert len(steps) == N and values[-1] == 1.0 / (N + 1)
+        if budget == 0.0:
+            assert ticks > 10 and biggest <= Job.read_limit // shortest + 1

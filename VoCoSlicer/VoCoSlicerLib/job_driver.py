@@ -13,6 +13,7 @@ import collections
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ class JobDriver:
     >>> d.start([["selftest", "job", "--steps", "3"]], temp_paths=[work_dir])   # doctest: +SKIP
     >>> while d.busy: d.tick()                            # the widget's QTimer does this  # doctest: +SKIP
     """
+
+    tick_budget_s = 0.05  # a tick replaying a long log polls batch after batch for at most this long
 
     def __init__(self, action: str, on_finished: Callable[[JobDriver], None] | None = None,
                  on_change: Callable[[JobState, JobState], None] | None = None, log_lines: int = 2000,
@@ -188,11 +191,16 @@ class JobDriver:
         """Poll the source once: fold its new events in; start the next command or finish when it has ended."""
         if not self.busy or self.source is None:
             return []
-        source = self.source
-        events = source.poll()
-        for ev in events:
-            if source.foldable(ev):
-                self._fold(ev)
+        source, t0 = self.source, time.monotonic()
+        events: list[dict[str, Any]] = []
+        while True:  # one batch, more while a replay has a backlog and the tick's time budget allows
+            batch = source.poll()
+            for ev in batch:
+                if source.foldable(ev):
+                    self._fold(ev)
+            events += batch
+            if not source.more or time.monotonic() - t0 >= self.tick_budget_s:
+                break
         if not source.final:
             return events
         status, message = source.outcome()

@@ -24,6 +24,10 @@ class JobSource(Protocol):
     def final(self) -> bool:
         """True once the source has ended and every event was handed over."""
 
+    @property
+    def more(self) -> bool:
+        """True when events are already waiting beyond the last batch (a replay): poll again if time allows."""
+
     def poll(self) -> list[dict[str, Any]]:
         """New events (never raises)."""
 
@@ -51,6 +55,11 @@ class ProcessSource:
     def final(self) -> bool:
         """True once the job has ended and its last events were read."""
         return not self.job.running
+
+    @property
+    def more(self) -> bool:
+        """The last batch stopped at the job client's read limit."""
+        return self.job.backlog and self.job.running
 
     def poll(self) -> list[dict[str, Any]]:
         """The job's next batch of events."""
@@ -100,6 +109,11 @@ class WorkerRequestSource:
         if self._cancelled:
             return not self.worker.stopping
         return self.response is not None
+
+    @property
+    def more(self) -> bool:
+        """A worker's events arrive as they are made: never a backlog worth a second poll."""
+        return False
 
     def poll(self) -> list[dict[str, Any]]:
         """This request's events and its response (nothing more after a cancel)."""

@@ -64,7 +64,7 @@ __all__ = ["ENGINE_DIR", "Job", "JobError", "child_env", "last_error", "list_run
 class Job:
     """One job, started here or reattached; see the module docstring."""
 
-    read_limit = 256 * 1024  # bytes of events.jsonl (or lines of stdout / 100) read by one poll
+    read_limit = 64 * 1024  # bytes of events.jsonl (or lines of stdout / 100) read by one poll
     drain_s = 2.0  # after the child's end: how long polls wait for its pipes to drain
 
     def __init__(self) -> None:
@@ -94,6 +94,7 @@ class Job:
         self._finished = False
         self._console: Any = None
         self._over = False  # attached to a run whose record says it has ended
+        self.backlog = False  # the last poll stopped at read_limit: more events are already waiting
 
     # ---------------------------------------------------------------- starting
     @classmethod
@@ -332,6 +333,7 @@ class Job:
                     self._kill_tree()
                     self._drain_until = time.monotonic() + self.drain_s
                 at_end = time.monotonic() >= self._drain_until
+        self.backlog = not at_end
         if self._kill_at is not None and alive and time.monotonic() >= self._kill_at:
             self._kill_tree()
             self._kill_at = None
