@@ -162,3 +162,23 @@ def test_reattached_detached_run_behind_a_launcher_cancels_gracefully(launcher, 
     assert run["status"] == "cancelled" and run["exit_code"] == 3 and "finalized_by" not in run
     left = _gone([launcher_pid, engine_pid, grouped, alone, child])
     assert not left, f"processes of the tree survived the cancel: {left}"
+
+
+def test_a_reused_pid_is_never_signalled(tmp_path):
+    # a process that merely carries a pid we once knew (its start time differs) is left alone, as is its group
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        _wait_for(lambda: proctree.start_time(proc.pid) is not None)
+        start = proctree.start_time(proc.pid)
+        assert not proctree.reused(proc.pid, start) and proctree.reused(proc.pid, start + 1)
+        assert proctree.collect({proc.pid: start + 1}, session=proc.pid, session_start=start + 1) == {}
+        proctree.kill_tree({proc.pid: start + 1}, proc.pid, None, signal.SIGKILL, leader_start=start + 1)
+        time.sleep(0.2)
+        assert proc.poll() is None, "a process that only reuses a known pid was killed"
+        assert proctree.collect({proc.pid: start}) == {proc.pid: start}
+        proctree.kill_tree({proc.pid: start}, proc.pid, None, signal.SIGKILL, leader_start=start)
+        assert proc.wait(5) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -173,6 +173,7 @@ class JobDriver:
         self._pending, self._fallback = [], None
         if self.source is not None and not self.source.final:
             self.source.close()
+        self.source = None  # a closed job is followed (and reaped) off the GUI thread, never by a late tick
         self.remove_temp_files()
 
     def remove_temp_files(self) -> None:

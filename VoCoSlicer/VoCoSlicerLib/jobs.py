@@ -79,6 +79,7 @@ class Job:
         self._proc: subprocess.Popen | None = None
         self._pid_start: int | None = None
         self._pgid: int | None = None  # a process group of the job's own (never ours): SIGKILL reaches it whole
+        self._leader_start: int | None = None  # start time of the group's leader (tells a reused pid apart)
         self._engine: tuple[int, int | None] | None = None  # (pid, start time) of the engine, checked to be ours
         self._snapshot: dict[int, int] = {}  # the tree as seen at cancel time (orphans lose their ancestry)
         self._prior: dict[str, Any] = {}  # run.json before we started: a stale record is not this attempt's
@@ -157,6 +158,7 @@ class Job:
             raise JobError(f"could not start {exe}: {exc.strerror or exc}") from exc
         job.pid = job._proc.pid
         job._pgid = None if IS_WINDOWS else job._proc.pid
+        job._leader_start = proctree.start_time(job._proc.pid)
         if job.run_dir is not None:
             write_json_atomic(job.run_dir / "launch.json", {"argv": job.argv, "pid": job.pid, "detached": detached,
                                                              "started": time.time()})
@@ -188,7 +190,7 @@ class Job:
             # its own group, or the group of the launcher the client started (launch.json: the engine's parent)
             leaders = (job.pid, info[0] if info is not None and info[0] == launch.get("pid") else None)
             if info is not None and info[1] in leaders and info[1] != os.getpgrp():
-                job._pgid = info[1]
+                job._pgid, job._leader_start = info[1], proctree.start_time(info[1])
         return job
 
     @classmethod
@@ -243,7 +245,7 @@ class Job:
         if self._proc is None:
             return False
         if proctree.has_proc():
-            return pid in proctree.collect([self._proc.pid], session=self._pgid)
+            return pid in proctree.collect(self._roots(), session=self._pgid, session_start=self._leader_start)
         try:
             return os.getpgid(pid) == self._pgid
         except OSError:
@@ -401,8 +403,13 @@ class Job:
         return lines[-1][:300] if lines else ""
 
     # ---------------------------------------------------------------- stopping
-    def _roots(self) -> list[int]:
-        return [p for p in (self._proc.pid if self._proc else None, self._engine[0] if self._engine else None) if p]
+    def _roots(self) -> dict[int, int | None]:
+        roots: dict[int, int | None] = {}
+        if self._proc is not None:
+            roots[self._proc.pid] = self._leader_start
+        if self._engine is not None:
+            roots[self._engine[0]] = self._engine[1]
+        return roots
 
     def _kill_tree(self) -> None:
         # SIGKILL to the group, the tree below our child and the engine, and what the cancel-time snapshot saw
@@ -412,7 +419,7 @@ class Job:
             return
         if self._proc is None and self._engine is None:
             return  # an attached run we cannot identify safely: leave it alone
-        proctree.kill_tree(self._roots(), self._pgid, self._snapshot, signal.SIGKILL)
+        proctree.kill_tree(self._roots(), self._pgid, self._snapshot, signal.SIGKILL, self._leader_start)
 
     def _engine_target(self) -> int | None:
         # the engine's pid if it is known to be ours and alive: from its status event, its run.json, or events
@@ -441,13 +448,13 @@ class Job:
                 if IS_WINDOWS:  # pragma: no cover
                     os.kill(self.pid, signal.CTRL_BREAK_EVENT)  # type: ignore[arg-type]
                 else:
-                    self._snapshot = proctree.collect(self._roots(), session=self._pgid)
+                    self._snapshot = proctree.collect(self._roots(), self._pgid, self._leader_start)
                     engine = self._engine_target()
                     if grace_s <= 0:
                         self._kill_tree()
                     elif engine is not None:
                         os.kill(engine, signal.SIGTERM)
-                    elif not proctree.signal_group(self._pgid, signal.SIGTERM) and self.pid:
+                    elif not proctree.signal_group(self._pgid, signal.SIGTERM, self._leader_start) and self.pid:
                         # engine not up yet (no handler, nothing to save): the group; attached: the pid we know
                         os.kill(self.pid, signal.SIGTERM)
             except (ProcessLookupError, PermissionError, OSError):

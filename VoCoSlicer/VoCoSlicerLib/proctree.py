@@ -56,10 +56,22 @@ def start_time(pid: int) -> int | None:
     return None if info is None or info[4] in "ZX" else info[3]
 
 
-def collect(roots: Iterable[int], session: int | None = None) -> dict[int, int]:
+def reused(pid: int | None, start: int | None) -> bool:
+    """True when ``pid`` now names another process than the one that started at ``start`` (Linux; False when
+    unknown). A group or session id cannot be reused while a member lives, so a leader that is gone is fine."""
+    if not pid or start is None:
+        return False
+    info = _stat(pid)
+    return info is not None and info[3] != start
+
+
+def collect(roots: Mapping[int, int | None] | Iterable[int], session: int | None = None,
+            session_start: int | None = None) -> dict[int, int]:
     """``{pid: start time}`` of the ``roots``, all their descendants, and every process of ``session``.
 
-    Empty where ``/proc`` is not available (the caller falls back to the process group).
+    ``roots`` may carry start times (``{pid: start}``): a root whose pid was reused is skipped, and so is a
+    ``session`` whose leader pid was reused (``session_start``). Empty where ``/proc`` is not available (the
+    caller falls back to the process group).
     """
     table = _table()
     if not table:
@@ -68,8 +80,9 @@ def collect(roots: Iterable[int], session: int | None = None) -> dict[int, int]:
     for pid, (ppid, _pg, _sid, _st, _state) in table.items():
         children.setdefault(ppid, []).append(pid)
     found: dict[int, int] = {}
-    todo = [p for p in roots if p and p in table]
-    if session and session != os.getsid(0):
+    starts = dict(roots) if isinstance(roots, Mapping) else dict.fromkeys(roots)
+    todo = [p for p, st in starts.items() if p and p in table and (st is None or table[p][3] == st)]
+    if session and session != os.getsid(0) and not reused(session, session_start):
         todo += [p for p, info in table.items() if info[2] == session]
     while todo:
         pid = todo.pop()
@@ -99,9 +112,10 @@ def signal_snapshot(snapshot: Mapping[int, int], sig: int) -> int:
     return sent
 
 
-def signal_group(pgid: int | None, sig: int) -> bool:
-    """``killpg`` a group we created (never our own); False when it has no member left."""
-    if not pgid or pgid <= 1 or pgid == os.getpgrp():
+def signal_group(pgid: int | None, sig: int, leader_start: int | None = None) -> bool:
+    """``killpg`` a group we created (never our own, never one whose leader pid was reused); False when it has
+    no member left."""
+    if not pgid or pgid <= 1 or pgid == os.getpgrp() or reused(pgid, leader_start):
         return False
     try:
         os.killpg(pgid, sig)
@@ -110,14 +124,15 @@ def signal_group(pgid: int | None, sig: int) -> bool:
         return False
 
 
-def kill_tree(roots: Iterable[int], pgid: int | None, snapshot: Mapping[int, int] | None = None,
-              sig: int = signal.SIGKILL) -> dict[int, int]:
+def kill_tree(roots: Mapping[int, int | None] | Iterable[int], pgid: int | None,
+              snapshot: Mapping[int, int] | None = None, sig: int = signal.SIGKILL,
+              leader_start: int | None = None) -> dict[int, int]:
     """Signal the whole tree: the group ``pgid`` (also its session), the roots' descendants now, and what an
     earlier ``snapshot`` saw (orphans lose their ancestry once their parent is gone). Returns what was hit."""
     own = {os.getpgrp(), os.getsid(0)}
-    targets = collect(roots, session=None if pgid in own else pgid)
+    targets = collect(roots, session=None if pgid in own else pgid, session_start=leader_start)
     for pid, st in (snapshot or {}).items():
         targets.setdefault(pid, st)
-    signal_group(pgid, sig)
+    signal_group(pgid, sig, leader_start)
     signal_snapshot(targets, sig)
     return targets

@@ -223,14 +223,15 @@ class WorkerClient:
                 proc.stdin.close()  # type: ignore[union-attr]
             except (OSError, ValueError):
                 pass
-        snapshot = {} if IS_WINDOWS else proctree.collect([proc.pid], session=proc.pid)
+        start = None if IS_WINDOWS else proctree.start_time(proc.pid)  # not reaped yet: the pid is still ours
+        snapshot = {} if IS_WINDOWS else proctree.collect({proc.pid: start}, proc.pid, start)
         if force and not IS_WINDOWS:
-            proctree.signal_snapshot(snapshot, signal.SIGTERM) or proctree.signal_group(proc.pid, signal.SIGTERM)
+            proctree.signal_snapshot(snapshot, signal.SIGTERM) or proctree.signal_group(proc.pid, signal.SIGTERM, start)
         self._pending_close_errors()
         self._proc = None
         self._dying.append(proc)
-        reaper = threading.Thread(target=_stop_worker, args=(proc, snapshot, 0.0 if force else timeout, kill_after),
-                                  daemon=True)
+        reaper = threading.Thread(target=_stop_worker, daemon=True,
+                                  args=(proc, start, snapshot, 0.0 if force else timeout, kill_after))
         reaper.start()
         if wait:
             reaper.join()
@@ -252,7 +253,8 @@ class WorkerClient:
         self.close(wait=True)
 
 
-def _stop_worker(proc: subprocess.Popen, snapshot: dict[int, int], grace: float, kill_after: float) -> None:
+def _stop_worker(proc: subprocess.Popen, start: int | None, snapshot: dict[int, int], grace: float,
+                 kill_after: float) -> None:
     # reaper thread of close(): graceful end, else SIGTERM to the tree, else SIGKILL; always sweep the group
     try:
         proc.wait(grace)
@@ -261,7 +263,7 @@ def _stop_worker(proc: subprocess.Popen, snapshot: dict[int, int], grace: float,
             subprocess.run(["taskkill", "/T", "/PID", str(proc.pid)], capture_output=True, check=False)
         else:
             proctree.signal_snapshot(snapshot, signal.SIGTERM)
-            proctree.signal_group(proc.pid, signal.SIGTERM)
+            proctree.signal_group(proc.pid, signal.SIGTERM, start)
     try:
         proc.wait(kill_after)
     except subprocess.TimeoutExpired:
@@ -270,7 +272,7 @@ def _stop_worker(proc: subprocess.Popen, snapshot: dict[int, int], grace: float,
         if proc.poll() is None:
             subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True, check=False)
     else:  # the worker and anything it started (the group outlives a leader that exited)
-        proctree.kill_tree([proc.pid], proc.pid, snapshot, signal.SIGKILL)
+        proctree.kill_tree({proc.pid: start}, proc.pid, snapshot, signal.SIGKILL, start)
     if proc.poll() is None:
         proc.kill()
     proc.wait()
