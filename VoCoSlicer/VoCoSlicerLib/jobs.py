@@ -475,8 +475,8 @@ class Job:
         return seen
 
     def close(self, grace_s: float = 3.0) -> None:
-        """Stop following without blocking: a job started here and not detached is cancelled (killed after
-        ``grace_s`` by a later :meth:`poll`, or by the sweep of the next one); a detached one keeps running."""
+        """Stop following without blocking: a job started here and not detached is cancelled (a daemon thread
+        follows it to its end and kills its tree after ``grace_s``); a detached one keeps running."""
         if not self._finished and not self.detached and self._proc is not None:
             self.cancel(grace_s=grace_s)
             # nobody polls a closed job: a daemon thread escalates to SIGKILL and reaps, off the caller's thread
