@@ -62,6 +62,11 @@ def test_base_environment_per_interpreter(polluted, foreign_python):
         assert foreign.get(key) == polluted.get(key), key
     assert foreign["PYTHONPATH"].split(os.pathsep)[0] == str(ENGINE_DIR)
     assert POLLUTION["PYTHONPATH"] not in foreign["PYTHONPATH"] and foreign["CUDA_VISIBLE_DEVICES"] == "1"
+    os.environ["VOCOSLICER_CACHE"] = "/set/in/this/session"  # the extension's own settings carry over
+    try:
+        assert child_env(python=foreign_python, startup_env=polluted)["VOCOSLICER_CACHE"] == "/set/in/this/session"
+    finally:
+        del os.environ["VOCOSLICER_CACHE"]
     calls = []
     engine.set_startup_environment(lambda: calls.append(1) or polluted)  # the module registers a callable
     assert "PYTHONHOME" not in child_env(python=foreign_python) and calls == [1]

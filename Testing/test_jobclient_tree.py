@@ -182,3 +182,25 @@ def test_a_reused_pid_is_never_signalled(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cancelled_warm_worker_behind_a_launcher_leaves_no_process(launcher, tmp_path):
+    from VoCoSlicerLib.job_driver import JobDriver
+    from VoCoSlicerLib.worker_client import WorkerClient
+
+    busy = tmp_path / "busy_worker.py"  # answers ping, then works on "segment" for ever
+    busy.write_text("import json, os, sys, time\n"
+                    "for line in sys.stdin:\n"
+                    "    req = json.loads(line)\n"
+                    "    print(json.dumps({'id': req['id'], 'kind': 'progress', 'step': 1, 'total': 9}), flush=True)\n"
+                    "    time.sleep(600)\n")
+    worker = WorkerClient(python=launcher, args=[str(busy)])
+    driver = JobDriver("Segment")
+    driver.start_request(worker, "segment", {})
+    _wait_for(lambda: (driver.tick() is not None and driver.state.fraction is not None))
+    _wait_for(lambda: len(_tree_pids(tmp_path)) == 3)
+    launcher_pid = worker.pid
+    driver.cancel()
+    _wait_for(lambda: (driver.tick() is not None and not driver.busy), timeout=15)
+    left = _gone([launcher_pid, *_tree_pids(tmp_path)])
+    assert not left, f"processes of the worker's tree survived the cancel: {left}"

@@ -75,9 +75,12 @@ def base_environment(python: str | os.PathLike[str], startup_env: StartupEnv | N
         return dict(os.environ)
     try:
         env = source() if callable(source) else source
-        return {str(k): str(v) for k, v in env.items() if k}
+        out = {str(k): str(v) for k, v in env.items() if k}
     except Exception as exc:  # noqa: BLE001 - a failing provider must say so, not crash the panel
         raise JobError(f"could not read Slicer's startup environment for {python}: {exc}") from exc
+    # our own settings made in this session (not the launcher's) still apply, e.g. VOCOSLICER_HOME
+    out.update({k: v for k, v in os.environ.items() if k.startswith("VOCOSLICER_")})
+    return out
 
 
 def child_env(env: Mapping[str, str] | None = None, python: str | os.PathLike[str] | None = None,
