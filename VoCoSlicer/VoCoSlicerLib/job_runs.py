@@ -2,12 +2,14 @@
 
 The format is the engine's (``vocoslicer.jobs.rundir``: ``run.json``, ``events.jsonl``, ``log.txt``); this module
 reads it with the stdlib only, because the GUI process must not import the engine (or torch) to draw a list.
+Also the parsing of event lines shared by the job client and the warm-worker client.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import socket
 import tempfile
 import time
@@ -180,3 +182,38 @@ def finalize_run_json(run_dir: Path, status: str, exit_code: int | None, message
                error_kind="cancelled" if status == "cancelled" else "crash", ended=now, updated=now,
                waiting_for=None, finalized_by="client", finalized_t=round(time.time(), 3))
     write_json_atomic(run_dir / "run.json", run)
+
+
+def _client_event(kind: str, **fields: Any) -> dict[str, Any]:
+    return {"t": round(time.time(), 3), "kind": kind, "source": "client", **fields}
+
+
+def parse_event_line(line: str, text_is_log: bool = False) -> dict[str, Any] | None:
+    """One event from one line; a malformed line becomes a ``warning`` event (``None`` for a blank line).
+
+    ``text_is_log``: on a stdout channel, plain text that does not even look like JSON (a library printing)
+    becomes a ``log`` event instead of a warning.
+    """
+    line = line.strip()
+    if not line:
+        return None
+    if text_is_log and not line.startswith("{"):
+        return _client_event("log", level="stdout", message=line)
+    try:
+        event = json.loads(line)
+    except ValueError:
+        event = None
+    if not isinstance(event, dict) or not isinstance(event.get("kind"), str):
+        return _client_event("warning", message=f"skipped a malformed event line: {line[:200]}")
+    return event
+
+
+def _read_lines(stream: Any, tag: str, out: queue.Queue) -> None:
+    # reader thread: binary lines, decoded leniently (a non-UTF-8 console must not kill the reader)
+    try:
+        for raw in iter(stream.readline, b""):
+            out.put((tag, raw.decode("utf-8", errors="replace")))
+    except (OSError, ValueError):
+        pass
+    finally:
+        out.put((tag, None))

@@ -13,8 +13,10 @@ Stdlib only (it runs in Slicer's GUI process). Two ways to use it:
   :class:`WorkerError`.
 
 A worker that died (crash, CUDA out of memory killing the process) is restarted by the next request; requests
-that were in flight get an ``error`` response saying so. :meth:`WorkerClient.close` (also on interpreter exit
-and at the end of a ``with`` block) asks the worker to shut down, then terminates its process group.
+that were in flight get an ``error`` response saying so. :meth:`WorkerClient.close` asks the worker to shut
+down and returns at once; a reaper thread then ends its whole tree (SIGTERM, then SIGKILL), so a worker busy
+with a long request, or one that ignores SIGTERM, never blocks the GUI thread. On interpreter exit and at the
+end of a ``with`` block the close waits for the end.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from VoCoSlicerLib import proctree
+from VoCoSlicerLib.engine import StartupEnv
 from VoCoSlicerLib.jobs import IS_WINDOWS, _read_lines, child_env, parse_event_line, resolve_python
 
 DEFAULT_ARGS = ("-m", "vocoslicer", "serve", "--stdio")
@@ -48,10 +52,12 @@ class WorkerClient:
         python: str | os.PathLike[str] | None = None,
         args: Sequence[str] = DEFAULT_ARGS,
         env: Mapping[str, str] | None = None,
+        startup_env: StartupEnv | None = None,
     ) -> None:
         self.python = resolve_python(python)
         self.args = [str(a) for a in args]
         self.env = dict(env or {})
+        self.startup_env = startup_env
         self.restarts = -1  # becomes 0 on the first start
         self._proc: subprocess.Popen | None = None
         self._queue: queue.Queue = queue.Queue()
@@ -61,6 +67,7 @@ class WorkerClient:
         self._next_id = 0
         self._lock = threading.Lock()
         self._stdout_open = False
+        self._dying: list[subprocess.Popen] = []
 
     # ---------------------------------------------------------------- process
     @property
@@ -79,7 +86,7 @@ class WorkerClient:
             return
         self._reap()
         popen: dict[str, Any] = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE,
-                                 "env": child_env(self.env)}
+                                 "env": child_env(self.env, self.python, self.startup_env)}
         if IS_WINDOWS:  # pragma: no cover - not testable on the Linux CI
             popen["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
         else:
@@ -93,7 +100,7 @@ class WorkerClient:
         threading.Thread(target=_read_lines, args=(self._proc.stdout, "stdout", self._queue), daemon=True).start()
         threading.Thread(target=self._read_stderr, args=(self._proc.stderr,), daemon=True).start()
         self.restarts += 1
-        atexit.register(self.close)
+        atexit.register(self._at_exit)
 
     def _read_stderr(self, stream: Any) -> None:
         try:
@@ -191,9 +198,21 @@ class WorkerClient:
         return self.request("ping", timeout=timeout)
 
     # ---------------------------------------------------------------- shutdown
-    def close(self, timeout: float = 5.0) -> None:
-        """Ask the worker to shut down, wait up to ``timeout`` s, then end its process group."""
-        atexit.unregister(self.close)
+    @property
+    def stopping(self) -> bool:
+        """True while a closed worker (or anything it started) is still being shut down."""
+        self._dying = [p for p in self._dying if p.poll() is None]
+        return bool(self._dying)
+
+    def close(self, timeout: float = 5.0, wait: bool = False, force: bool = False, kill_after: float = 2.0) -> None:
+        """Shut the worker down; returns at once unless ``wait`` (the GUI thread must never wait on it).
+
+        The worker is asked to shut down (a ``shutdown`` request, then end of input); a thread gives it ``timeout``
+        seconds, then sends SIGTERM to its whole tree and SIGKILL ``kill_after`` seconds later. ``force``: SIGTERM
+        at once (cancel of a request that cannot be interrupted). Requests still waiting get an ``error``
+        response; the next request starts a fresh worker. :attr:`stopping` tells when the old one is gone.
+        """
+        atexit.unregister(self._at_exit)
         proc = self._proc
         if proc is None:
             return
@@ -204,33 +223,57 @@ class WorkerClient:
                 proc.stdin.close()  # type: ignore[union-attr]
             except (OSError, ValueError):
                 pass
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        if IS_WINDOWS:  # pragma: no cover - not testable on the Linux CI
-            if proc.poll() is None:
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True, check=False)
-        else:
-            if proc.poll() is None:  # did not shut down in time: SIGTERM, then SIGKILL below
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(2.0)
-                except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
-                    pass
-            try:  # the worker and anything it started (the group outlives a leader that exited)
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(5)
-        self._reap()
+        start = None if IS_WINDOWS else proctree.start_time(proc.pid)  # not reaped yet: the pid is still ours
+        snapshot = {} if IS_WINDOWS else proctree.collect({proc.pid: start}, proc.pid, start)
+        if force and not IS_WINDOWS:
+            proctree.signal_snapshot(snapshot, signal.SIGTERM) or proctree.signal_group(proc.pid, signal.SIGTERM, start)
+        self._pending_close_errors()
+        self._proc = None
+        self._dying.append(proc)
+        reaper = threading.Thread(target=_stop_worker, daemon=True,
+                                  args=(proc, start, snapshot, 0.0 if force else timeout, kill_after))
+        reaper.start()
+        if wait:
+            reaper.join()
+
+    def _pending_close_errors(self) -> None:
+        for rid in list(self._pending):
+            self._results[rid] = {"t": round(time.time(), 3), "id": rid, "kind": "error", "request_id": rid,
+                                  "message": "the worker was shut down before it answered", "source": "client"}
+        self._pending.clear()
+
+    def _at_exit(self) -> None:
+        self.close(timeout=0.5, wait=True, force=True, kill_after=0.5)
 
     def __enter__(self) -> WorkerClient:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.close(wait=True)
+
+
+def _stop_worker(proc: subprocess.Popen, start: int | None, snapshot: dict[int, int], grace: float,
+                 kill_after: float) -> None:
+    # reaper thread of close(): graceful end, else SIGTERM to the tree, else SIGKILL; always sweep the group
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        if IS_WINDOWS:  # pragma: no cover - not testable on the Linux CI
+            subprocess.run(["taskkill", "/T", "/PID", str(proc.pid)], capture_output=True, check=False)
+        else:
+            proctree.signal_snapshot(snapshot, signal.SIGTERM)
+            proctree.signal_group(proc.pid, signal.SIGTERM, start)
+    try:
+        proc.wait(kill_after)
+    except subprocess.TimeoutExpired:
+        pass
+    if IS_WINDOWS:  # pragma: no cover
+        if proc.poll() is None:
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True, check=False)
+    else:  # the worker and anything it started (the group outlives a leader that exited)
+        proctree.kill_tree({proc.pid: start}, proc.pid, snapshot, signal.SIGKILL, start)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
 
