@@ -10,7 +10,7 @@ _RELOAD_ORDER = ("labels_csv", "state", "params", "engine", "job_runs", "jobs", 
                  "models_view", "mrml_io", "cohort_view", "segment_flow", "job_driver")
 
 
-def reload_package() -> list[str]:
+def reload_package() -> "list[str]":  # quoted: this file is imported before the version check
     """Reload every loaded ``VoCoSlicerLib`` submodule (Slicer's "Reload" only reloads the module file)."""
     import importlib
     import sys
