@@ -7,7 +7,6 @@ and the log) is here, Qt-free, and tested with real child processes.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -17,6 +16,7 @@ from typing import Any
 from VoCoSlicerLib.engine import python_executable, shell_command
 from VoCoSlicerLib.job_runs import FINAL, read_run
 from VoCoSlicerLib.jobs import Job
+from VoCoSlicerLib.module_support import LogLines
 from VoCoSlicerLib.plots import MetricHistory, Throughput
 from VoCoSlicerLib.state import JobState, JobStateMachine
 
@@ -36,7 +36,7 @@ class JobDriver:
         self.job: Job | None = None
         self.metrics = MetricHistory()
         self.throughput = Throughput()
-        self.log: collections.deque[str] = collections.deque(maxlen=log_lines)
+        self.log = LogLines(maxlen=log_lines)  # counts appended lines: views append only new ones
         self.artifacts: list[dict[str, Any]] = []
         self.python: str | None = None
         self._pending: list[list[str]] = []
