@@ -1,8 +1,15 @@
 """VoCoSegment: segment or classify a volume with a VoCo model, correct it, collect a cohort, finetune.
 
-Thin Slicer module: the widget binds the .ui to a parameter node and drives background jobs through
-VoCoSlicerLib (no torch in the Slicer process; every job is a ``PythonSlicer -m vocoslicer`` child).
+Thin Slicer module: the widget binds the .ui to a parameter node and copies onto widgets what the presenters in
+VoCoSlicerLib decide (no torch in the Slicer process; every job is a ``PythonSlicer -m vocoslicer`` child).
 """
+
+import sys
+
+from VoCoSlicerLib.compat import unsupported_message
+
+if unsupported_message(sys.version_info):  # older Slicer: this message, not an error from newer code below
+    raise ImportError(unsupported_message(sys.version_info))
 
 import logging
 import pathlib
@@ -23,15 +30,14 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from VoCoSlicerLib import cohort_view, models_view, plots, segment_flow
-from VoCoSlicerLib.engine import python_executable
+from VoCoSlicerLib import cohort_view, models_view, module_support, panels, plots, segment_flow
 from VoCoSlicerLib.job_driver import JobDriver
 from VoCoSlicerLib.job_runs import list_runs, new_run_dir
-from VoCoSlicerLib.params import DEMO_MODEL_ID, CohortParams, FinetuneParams, SegmentParams
+from VoCoSlicerLib.params import CohortParams, FinetuneParams, SegmentParams
 from VoCoSlicerLib.state import JobState
 
-PYTHON_SETTING = "VoCoSlicer/PythonExecutable"  # written by the VoCoSlicer set-up module
 PARAMETERS_SET_BY_CODE = ("model",)  # no standard widget binds a dynamic list: modelComboBox writes it
+DOCS = "https://github.com/vocoslicer/VoCoSlicer#readme"
 
 
 class VoCoSegment(ScriptedLoadableModule):
@@ -41,11 +47,12 @@ class VoCoSegment(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("VoCo Segment")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-        self.parent.dependencies = ["VoCoSlicer"]
+        self.parent.dependencies = ["VoCoSlicer", "Segmentations"]  # embeds the Segment Editor widget
         self.parent.contributors = ["VoCoSlicer contributors"]
         self.parent.helpText = _("Segment or classify a CT volume with a VoCo model, correct the result with the "
                                  "Segment Editor, add corrected cases to a cohort and finetune the model on it. "
-                                 "Set up PyTorch and models in the VoCoSlicer module.")
+                                 "Set up PyTorch and models in the VoCoSlicer module.") + \
+            f' <a href="{DOCS}">' + _("Documentation") + "</a>"
         self.parent.acknowledgementText = _("VoCo: Wu, Zhuang, Chen, Large-Scale 3D Medical Image Pre-training "
                                             "with Geometric Context Priors. PUMIT: Luo et al.")
 
@@ -76,15 +83,9 @@ class VoCoSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._worker = None
-        self._task = None
-        self._onSuccess = None
-        self._catalog = []
-        self._chart = None
-        self._finetuneBase = ""
+        self.logic, self._parameterNode, self._parameterNodeGuiTag = None, None, None
+        self._worker = self._task = self._onSuccess = self._download = None
+        self._entries, self._segmentWhenListed = [], False
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -96,25 +97,28 @@ class VoCoSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.jobDriver = JobDriver(_("Segment"), on_finished=self._onJobFinished)
         self.cohortDriver = JobDriver(_("Add"), on_finished=self._onCohortFinished)
         self.finetuneDriver = JobDriver(_("Finetune"), on_finished=self._onFinetuneFinished)
-        self.modelsDriver = JobDriver(_("Refresh"), on_finished=self._onModelsListed)
+        self.modelsDriver = JobDriver(_("Models"), on_finished=self._onModelsFinished)
+        self.curves = plots.LiveChart(_("Finetune"))
+        self.logView = module_support.LogFollower()
+        self._tick = module_support.TimerTick(lambda text: slicer.util.errorDisplay(text, windowTitle="VoCoSegment"))
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self._onTimer)
-
+        self.ui.logTextEdit.setMaximumBlockCount(2000)
         self.ui.cohortDirPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
-        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
-        self.ui.segmentEditorWidget.setSegmentationNodeSelectorVisible(False)
-        self.ui.segmentEditorWidget.setSourceVolumeNodeSelectorVisible(False)
-        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
-                                                   self.ui.segmentEditorWidget.setSegmentationNode)
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)",
-                                            self.ui.segmentEditorWidget.setSourceVolumeNode)
+        editor = self.ui.segmentEditorWidget
+        editor.setMRMLSegmentEditorNode(segment_flow.segment_editor_node(slicer.mrmlScene))
+        editor.setSegmentationNodeSelectorVisible(False)
+        editor.setSourceVolumeNodeSelectorVisible(False)
+        self.effectFactory = slicer.qSlicerSegmentEditorEffectFactory.instance()
+        self.effectFactory.connect("effectRegistered(QString)", self.onEffectRegistered)
+        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._syncEditor)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._syncEditor)
         self.ui.cohortDirPathLineEdit.connect("currentPathChanged(QString)", self.onCohortFolderChanged)
-
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
-        self.ui.classifyButton.connect("clicked(bool)", self.onClassifyButton)
+        self.ui.segmentButton.connect("clicked(bool)", lambda: self._runOnVolume("segment"))
+        self.ui.classifyButton.connect("clicked(bool)", lambda: self._runOnVolume("classify"))
         self.ui.refreshModelsButton.connect("clicked(bool)", self.onRefreshModels)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
         self.ui.addToCohortButton.connect("clicked(bool)", lambda: self.onAddToCohort(labelled=True))
@@ -127,6 +131,7 @@ class VoCoSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.removeObservers()
+        self.effectFactory.disconnect("effectRegistered(QString)", self.onEffectRegistered)
         self._timer.stop()
         for driver in (self.jobDriver, self.cohortDriver, self.modelsDriver):
             driver.cancel()  # finetune runs are detached on purpose: they survive the panel
@@ -135,17 +140,26 @@ class VoCoSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self):
         self.initializeParameterNode()
+        self.ui.segmentEditorWidget.installKeyboardShortcuts()
+        self._syncEditor()
 
-    def exit(self):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
+    def exit(self):  # as Slicer's SegmentEditor.py: no effect, shortcuts or view observers left behind
+        self.ui.segmentEditorWidget.setActiveEffect(None)
+        self.ui.segmentEditorWidget.uninstallKeyboardShortcuts()
+        self.ui.segmentEditorWidget.removeViewObservations()
+        self.setParameterNode(None)
+
+    def onEffectRegistered(self):
+        self.ui.segmentEditorWidget.updateEffectList()
 
     def onSceneStartClose(self, caller, event):
         self.setParameterNode(None)
+        self.curves.reset()
+        self.ui.segmentEditorWidget.setSegmentationNode(None)
+        self.ui.segmentEditorWidget.removeViewObservations()
 
     def onSceneEndClose(self, caller, event):
-        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())  # was cleared too
+        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(segment_flow.segment_editor_node(slicer.mrmlScene))
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -158,33 +172,28 @@ class VoCoSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            self._parameterNode.inputVolume = segment_flow.default_input_volume(slicer.mrmlScene)
 
     def setParameterNode(self, inputParameterNode):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
 
-    # ------------------------------------------------------------------ settings -> VoCoSlicerLib params
-    def _python(self):
-        return python_executable(str(qt.QSettings().value(PYTHON_SETTING, "") or ""))
+    def _syncEditor(self, _node=None):
+        editor = self.ui.segmentEditorWidget
+        segment_flow.sync_editor(editor.setSegmentationNode, editor.setSourceVolumeNode,
+                                 self.ui.outputSegmentationSelector.currentNode(),
+                                 self.ui.inputVolumeSelector.currentNode())
 
-    def _segmentParams(self):
-        pn = self._parameterNode
-        return SegmentParams(model=pn.model, device=pn.device, fast=pn.fast, useWarmWorker=pn.useWarmWorker,
-                             show3D=pn.show3D)
+    def _python(self):
+        return module_support.job_python(qt.QSettings())
 
     def _cohortParams(self):
-        folder = str(self._parameterNode.cohortDir)
-        return CohortParams(cohortDir="" if folder in ("", ".") else folder, annotator=self._parameterNode.annotator)
-
-    def _inputVolume(self):
-        volume = self._parameterNode.inputVolume
-        if volume is None:
-            raise ValueError(_("Select an input volume first."))
-        return volume
+        return CohortParams(cohortDir=module_support.path_text(self._parameterNode.cohortDir),
+                            annotator=self._parameterNode.annotator)
 
     def _startTimer(self):
         if not self._timer.isActive():
@@ -192,21 +201,29 @@ class VoCoSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateGUI()
 
     # ------------------------------------------------------------------ segment / classify
-    def onSegmentButton(self):
-        self._runOnVolume("segment")
-
-    def onClassifyButton(self):
-        self._runOnVolume("classify")
-
     def _runOnVolume(self, op):
-        if self.jobDriver.busy:
-            self.jobDriver.cancel()
-            self._updateGUI()
-            return
+        for driver in (self.jobDriver, self.modelsDriver if self._download else None):
+            if driver is not None and driver.busy:
+                driver.cancel()
+                self._updateGUI()
+                return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the job."), waitCursor=True):
-            volume, params = self._inputVolume(), self._segmentParams()
+            pn = self._parameterNode
+            entry = self._entries[self.ui.modelComboBox.currentIndex] if self._entries else None
+            if entry is None:
+                raise ValueError(_("The model list is not loaded yet (see Refresh)."))
+            if op == "segment" and entry.kind == "download":
+                if slicer.util.confirmOkCancelDisplay(models_view.download_question(entry)):
+                    self._startModelsJob(models_view.download_args(entry.row), download=entry.spec)
+                return
+            if pn.inputVolume is None:
+                raise ValueError(_("Select an input volume first."))
+            params = SegmentParams(model=pn.model, device=pn.device, fast=pn.fast, useWarmWorker=pn.useWarmWorker,
+                                   show3D=pn.show3D)
             prepare = segment_flow.prepare_segment if op == "segment" else segment_flow.prepare_classify
-            self._task = prepare(volume, params, slicer.util.tempDirectory())
+            self._task = prepare(pn.inputVolume, params, slicer.util.tempDirectory())
+            if op == "segment":
+                self._task.segmentation = pn.outputSegmentation
             self._onSuccess = self._loadSegmentation if op == "segment" else self._loadClassification
             self.jobDriver.state.action = _("Segment") if op == "segment" else _("Classify")
             self.jobDriver.python = self._python()
@@ -226,68 +243,74 @@ class VoCoSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self._worker
 
     def _loadSegmentation(self):
-        pn = self._parameterNode
-        seg = segment_flow.load_segment_result(slicer.mrmlScene, self._task, pn.inputVolume, pn.outputSegmentation,
-                                               self.jobDriver.artifact("segmentation") or self._workerArtifact())
-        pn.outputSegmentation = seg
-        self.ui.segmentEditorWidget.setSegmentationNode(seg)
-        self.ui.segmentEditorWidget.setSourceVolumeNode(pn.inputVolume)
-        if pn.show3D:
-            seg.CreateClosedSurfaceRepresentation()
-        slicer.util.setSliceViewerLayers(background=pn.inputVolume)
-
-    def _workerArtifact(self):
         result = self.jobDriver.result or {}
-        return {"labels": result.get("labels"), "model": result.get("model_id") or result.get("model"),
-                "model_version": result.get("model_version")} if result else None
+        artifact = self.jobDriver.artifact("segmentation") or ({
+            "labels": result.get("labels"), "model": result.get("model_id") or result.get("model"),
+            "model_version": result.get("model_version")} if result else None)
+        task = self._task
+        seg = segment_flow.load_segment_result(slicer.mrmlScene, task, task.volume, task.segmentation, artifact)
+        if self._parameterNode is not None:
+            self._parameterNode.outputSegmentation = seg
+        self._syncEditor()
+        if self._parameterNode is not None and self._parameterNode.show3D:
+            seg.CreateClosedSurfaceRepresentation()
+        slicer.util.setSliceViewerLayers(background=task.volume)
 
     def _loadClassification(self):
-        table = segment_flow.load_classify_result(slicer.mrmlScene, self._task, self._parameterNode.inputVolume)
+        table = segment_flow.load_classify_result(slicer.mrmlScene, self._task, self._task.volume)
         slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
         slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
         slicer.app.applicationLogic().PropagateTableSelection()
 
-    def _onJobFinished(self, driver):
-        if driver.state.state is JobState.DONE and self._onSuccess is not None:
-            with slicer.util.tryWithErrorDisplay(_("Failed to load the job's result."), waitCursor=True):
-                self._onSuccess()
-        self._onSuccess = None
+    def _onJobFinished(self, driver):  # runs inside the timer tick: errors go to its single report
+        onSuccess, self._onSuccess = self._onSuccess, None
+        if driver.state.state is JobState.DONE and onSuccess is not None:
+            try:
+                onSuccess()
+            except segment_flow.StaleResult as exc:
+                driver.state.message = str(exc)
+                driver.log.append(str(exc))
 
     # ------------------------------------------------------------------ models
     def onRefreshModels(self):
         with slicer.util.tryWithErrorDisplay(_("Failed to list models.")):
             if not self.modelsDriver.busy:
-                self.modelsDriver.start([models_view.list_args()], run_dir=slicer.util.tempDirectory(),
-                                        python=self._python())
-                self._startTimer()
+                self._startModelsJob(models_view.list_args())
 
-    def _onModelsListed(self, driver):
+    def _startModelsJob(self, args, download=None):
+        self._download = download  # a listing keeps a run folder (its JSON is read back); a download reports
+        self.modelsDriver.start([args], run_dir=None if download else slicer.util.tempDirectory(),
+                                python=self._python())
+        self._startTimer()
+
+    def _onModelsFinished(self, driver):
+        download, self._download = self._download, None
         if driver.state.state is not JobState.DONE:
-            self.ui.modelInfoLabel.text = _("Could not list models: ") + driver.state.message
+            self.ui.modelInfoLabel.text = _("Model job failed: ") + (driver.state.message or driver.state.state.value)
             return
-        with slicer.util.tryWithErrorDisplay(_("Failed to read the model list.")):
-            self._catalog = models_view.parse_catalog(driver.json_output())
-            current = self._parameterNode.model if self._parameterNode else ""
-            combo = self.ui.modelComboBox
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItem(_("Default (bundled demo model)"), "")
-            for row in models_view.selectable(self._catalog, "segmentation") + \
-                    models_view.selectable(self._catalog, "classification"):
-                combo.addItem(f"{row.display_name}  [{row.task}]", row.spec)
-            index = combo.findData(current)
-            combo.setCurrentIndex(max(index, 0))
-            combo.blockSignals(False)
-            self.onModelSelected(combo.currentIndex)
+        if download:  # installed: list again, select it, then run the Segment the user asked for
+            self._parameterNode.model, self._segmentWhenListed = download.split("@")[0], True
+            qt.QTimer.singleShot(0, self.onRefreshModels)
+            return
+        self._entries = models_view.selector_entries(models_view.parse_catalog(driver.json_output()))
+        combo = self.ui.modelComboBox
+        combo.blockSignals(True)
+        combo.clear()
+        for entry in self._entries:
+            combo.addItem(entry.text, entry.spec)
+        combo.setCurrentIndex(models_view.default_index(self._entries, self._parameterNode.model
+                                                        if self._parameterNode else ""))
+        combo.blockSignals(False)
+        self.onModelSelected(combo.currentIndex)
+        if self._segmentWhenListed:
+            self._segmentWhenListed = False
+            qt.QTimer.singleShot(0, lambda: self._runOnVolume("segment"))
 
     def onModelSelected(self, index):
-        if self._parameterNode is None or index < 0:
+        if self._parameterNode is None or not 0 <= index < len(self._entries):
             return
-        spec = self.ui.modelComboBox.itemData(index) or ""
-        self._parameterNode.model = spec
-        row = models_view.find(self._catalog, spec)
-        self.ui.modelInfoLabel.text = (f"{row.title or row.id} {row.version}: {row.task}" + (
-            f", finetuned from {row.parent}" if row.parent else "")) if row else ""
+        self._parameterNode.model = self._entries[index].spec
+        self.ui.modelInfoLabel.text = models_view.info_text(self._entries[index])
         self._updateGUI()
 
     # ------------------------------------------------------------------ cohort
@@ -297,16 +320,18 @@ class VoCoSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             seg = pn.outputSegmentation if labelled else None
             if labelled and seg is None:
                 raise ValueError(_("Segment the volume (and correct it) first."))
-            commands = segment_flow.prepare_cohort_case(slicer.mrmlScene, self._inputVolume(), seg,
+            if pn.inputVolume is None:
+                raise ValueError(_("Select an input volume first."))
+            commands = segment_flow.prepare_cohort_case(slicer.mrmlScene, pn.inputVolume, seg,
                                                         self._cohortParams(), slicer.util.tempDirectory())
             commands.append(self._cohortParams().list_args())
             self.cohortDriver.start(commands, run_dir=slicer.util.tempDirectory(), python=self._python())
             self._startTimer()
 
     def onCohortFolderChanged(self, path):
+        params = CohortParams(cohortDir=module_support.path_text(path))  # the parameter node may lag behind
         if self.cohortDriver.busy:
             return
-        params = CohortParams(cohortDir="" if path in ("", ".") else path)  # the parameter node may lag behind
         if not cohort_view.is_cohort(params.cohortDir):
             self.ui.cohortCountsLabel.text = _("New cohort: created on the first add.") if params.cohortDir else ""
             return
@@ -318,8 +343,7 @@ class VoCoSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if driver.state.state is not JobState.DONE:
             self.ui.cohortCountsLabel.text = _("Not added: ") + driver.state.message
             return
-        with slicer.util.tryWithErrorDisplay(_("Failed to read the cohort.")):
-            self.ui.cohortCountsLabel.text = cohort_view.counts_from_list(driver.json_output()).summary()
+        self.ui.cohortCountsLabel.text = cohort_view.counts_from_list(driver.json_output()).summary()
 
     # ------------------------------------------------------------------ finetune
     def onFinetuneButton(self):
@@ -329,95 +353,75 @@ class VoCoSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start finetuning."), waitCursor=True):
             pn = self._parameterNode
-            base = pn.model or DEMO_MODEL_ID
-            params = FinetuneParams(baseModel=base, cohortDir=self._cohortParams().cohortDir, steps=pn.steps,
+            params = FinetuneParams(baseModel=pn.model, cohortDir=self._cohortParams().cohortDir, steps=pn.steps,
                                     learningRate=pn.learningRate, batchSize=pn.batchSize,
-                                    semiSupervised=pn.semiSupervised, vocoLoss=pn.vocoLoss,
-                                    device=pn.device)
+                                    semiSupervised=pn.semiSupervised, vocoLoss=pn.vocoLoss, device=pn.device)
             runDir = new_run_dir("finetune")
-            self._finetuneBase = base
             self.finetuneDriver.start([params.args(str(runDir))], run_dir=runDir, detached=True,
                                       python=self._python())
-            self._newChart()
-            self._startTimer()
+            self._followCurves()
 
     def onResumeFinetune(self):
         with slicer.util.tryWithErrorDisplay(_("Failed to resume finetuning."), waitCursor=True):
-            runs = [r for r in list_runs() if str(r.get("command", "")).startswith("finetune")
-                    and r.get("status") in ("cancelled", "failed", "dead")]
+            runs = panels.resumable(list_runs(), "finetune")
             if not runs:
                 raise ValueError(_("There is no stopped finetune run to resume."))
             self.finetuneDriver.python = self._python()
-            self.finetuneDriver.resume(runs[0]["run_dir"], detached=True)
-            self._newChart()
-            self._startTimer()
+            self.finetuneDriver.resume(runs[0], detached=True)
+            self._followCurves()
 
-    def _newChart(self):
-        self._chart = plots.new_chart(slicer.mrmlScene, _("Finetune"))
-        slicer.modules.plots.logic().ShowChartInLayout(self._chart)
+    def _followCurves(self):
+        slicer.modules.plots.logic().ShowChartInLayout(self.curves.follow(slicer.mrmlScene))
+        self._startTimer()
+
+    def _drawCurves(self):
+        if self.curves.update(slicer.mrmlScene, self.finetuneDriver.metrics, create=self.finetuneDriver.busy):
+            slicer.modules.plots.logic().ShowChartInLayout(self.curves.chart(slicer.mrmlScene))
+        if self.curves.error:
+            logging.warning(self.curves.error)
 
     def _onFinetuneFinished(self, driver):
         model = driver.artifact("model")
         if driver.state.state is JobState.DONE and model:
-            self._parameterNode.model = model["path"]  # selected once the refreshed list arrives
-            self.onRefreshModels()
+            if self._parameterNode is not None:
+                self._parameterNode.model = model["path"]  # selected once the refreshed list arrives
+            qt.QTimer.singleShot(0, self.onRefreshModels)
             driver.state.message = _("New model {id} {version} (validation Dice {dice})").format(
                 id=model.get("id", ""), version=model.get("version", ""), dice=model.get("val_dice", "?"))
 
     # ------------------------------------------------------------------ polling and GUI state
     def _onTimer(self):
         drivers = (self.jobDriver, self.cohortDriver, self.finetuneDriver, self.modelsDriver)
-        for driver in drivers:
-            if driver.busy:
-                with slicer.util.tryWithErrorDisplay(_("Job monitoring failed.")):
-                    driver.tick()
-        if self._chart is not None and self.finetuneDriver.metrics.names():
-            plots.update_chart(slicer.mrmlScene, self._chart, self.finetuneDriver.metrics)
+        self._tick([*[(d.state.action, d.tick) for d in drivers if d.busy], (_("Live curves"), self._drawCurves),
+                    (_("Panel update"), self._updateGUI)])
         if not any(d.busy for d in drivers):
             self._timer.stop()
-        self._updateGUI()
-
-    def _showJob(self, driver, button, bar, label):
-        view = driver.state.view()
-        button.text = view.button_text
-        button.toolTip = view.button_tooltip
-        button.enabled = view.button_enabled
-        bar.visible = view.progress_visible
-        bar.maximum = 0 if view.progress_percent < 0 else 100
-        bar.value = max(view.progress_percent, 0)
-        label.text = (view.progress_text + "   " + driver.throughput.text()).strip()
 
     def _updateGUI(self):
-        self._showJob(self.jobDriver, self.ui.segmentButton if self.jobDriver.state.action == _("Segment")
-                      else self.ui.classifyButton, self.ui.progressBar, self.ui.statusLabel)
-        idle = not self.jobDriver.busy
-        self.ui.segmentButton.enabled = idle or self.jobDriver.state.action == _("Segment")
-        self.ui.classifyButton.enabled = idle or self.jobDriver.state.action == _("Classify")
+        downloading = self._download is not None and self.modelsDriver.busy
+        job = self.modelsDriver if downloading else self.jobDriver
+        segmenting = downloading or self.jobDriver.state.action == _("Segment")
+        panels.show_job(panels.job_widgets(job), self.ui.segmentButton if segmenting else self.ui.classifyButton,
+                        self.ui.progressBar, self.ui.statusLabel)
+        idle = not job.busy
+        self.ui.segmentButton.enabled = idle or segmenting
+        self.ui.classifyButton.enabled = idle or not segmenting
         if idle:
             self.ui.segmentButton.text, self.ui.classifyButton.text = _("Segment"), _("Classify")
-        self._showJob(self.finetuneDriver, self.ui.finetuneButton, self.ui.finetuneProgressBar,
-                      self.ui.finetuneStatusLabel)
+        panels.show_job(panels.job_widgets(self.finetuneDriver), self.ui.finetuneButton,
+                        self.ui.finetuneProgressBar, self.ui.finetuneStatusLabel)
         self.ui.resumeFinetuneButton.enabled = not self.finetuneDriver.busy
-        cohortIdle = not self.cohortDriver.busy
-        self.ui.addToCohortButton.enabled = cohortIdle and idle
-        self.ui.addUnlabelledButton.enabled = cohortIdle and idle
+        self.ui.addToCohortButton.enabled = self.ui.addUnlabelledButton.enabled = idle and not self.cohortDriver.busy
         self.ui.refreshModelsButton.enabled = not self.modelsDriver.busy
-        self.ui.logTextEdit.setPlainText("\n".join(
-            f"[{d.state.action}] {line}" for d in (self.jobDriver, self.cohortDriver, self.finetuneDriver)
-            for line in list(d.log)[-200:]))
+        self.logView.show(self.ui.logTextEdit, [(f"[{d.state.action}] ", d.log) for d in (
+            self.jobDriver, self.cohortDriver, self.finetuneDriver, self.modelsDriver)])
 
 
 class VoCoSegmentLogic(ScriptedLoadableModuleLogic):
-    """Parameter node and the embedded Segment Editor's node; the work itself is in VoCoSlicerLib."""
+    """Parameter node only; the work itself is in VoCoSlicerLib."""
 
     def getParameterNode(self):
         return VoCoSegmentParameterNode(super().getParameterNode())
-
-    def segmentEditorNode(self):
-        node = slicer.mrmlScene.GetFirstNodeByName("VoCoSegmentEditor")
-        if node is None:
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode", "VoCoSegmentEditor")
-        return node
 
 
 class VoCoSegmentTest(ScriptedLoadableModuleTest):
@@ -431,29 +435,20 @@ class VoCoSegmentTest(ScriptedLoadableModuleTest):
         self.test_segment_phantom_and_add_to_cohort()
 
     def _run(self, driver, timeout=600):
-        import time
-
-        deadline = time.time() + timeout
-        while driver.busy and time.time() < deadline:
-            driver.tick()
-            slicer.app.processEvents()
-            time.sleep(0.1)
-        self.assertFalse(driver.busy, "job timed out")
+        self.assertTrue(module_support.wait_for(driver, slicer.app.processEvents, timeout), "job timed out")
         self.assertEqual(driver.state.state, JobState.DONE, driver.state.message)
 
     def test_segment_phantom_and_add_to_cohort(self):
         import importlib.util
 
         if importlib.util.find_spec("torch") is None:
-            self.delayDisplay("PyTorch is not installed (installs are skipped in testing mode): test skipped")
-            return
+            self.skipTest("PyTorch is not installed (installs are skipped in testing mode)")
         tmp = pathlib.Path(slicer.util.tempDirectory())
         driver = JobDriver("test", log_lines=100)
         driver.start([["phantom", "--seed", "7", "--size", "64", "64", "32", "-o", str(tmp / "ph"),
                        "--format", ".nrrd"]])
         self._run(driver)
-        image = sorted((tmp / "ph").glob("*_ct.nrrd"))[0]
-        volume = slicer.util.loadVolume(str(image))
+        volume = slicer.util.loadVolume(str(sorted((tmp / "ph").glob("*_ct.nrrd"))[0]))
         task = segment_flow.prepare_segment(volume, SegmentParams(device="cpu", fast=True), tmp / "job")
         driver.start([task.args])
         self._run(driver)

@@ -229,8 +229,15 @@ def download_args(row: ModelRow) -> list[str]:
 
 
 def import_args(path: str) -> list[str]:
-    """``models import PATH`` (a bundle folder or zip; offline installs)."""
-    return ["models", "import", str(path)]
+    """``models import PATH`` (a bundle folder or zip, or a checkpoint; a picked ``model.json`` means its folder)."""
+    p = Path(path)
+    return ["models", "import", str(p.parent if p.name == "model.json" else p)]
+
+
+def status_text(rows: list[ModelRow]) -> str:
+    """``2 installed, 6 available`` under the model table."""
+    installed = sum(r.installed for r in rows)
+    return f"{installed} installed, {len(rows) - installed} available"
 
 
 def remove_args(row: ModelRow) -> list[str]:

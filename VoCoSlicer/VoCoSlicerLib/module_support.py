@@ -116,3 +116,67 @@ def wait_for(driver: Any, process_events: Callable[[], Any] = lambda: None, time
         process_events()
         time.sleep(interval)
     return not driver.busy
+
+
+def job_python(settings: Any) -> str:
+    """The interpreter jobs run with: the saved "Python for jobs", else Slicer's own PythonSlicer."""
+    from VoCoSlicerLib.engine import python_executable
+
+    return python_executable(read_python(settings))
+
+
+class PanelPlumbing:
+    """The parameter-node and scene-close plumbing of Slicer's scripted-module template, written once for the
+    three widgets. Mixed in before ``ScriptedLoadableModuleWidget``; uses ``self.logic.getParameterNode()``,
+    ``self.ui``, ``self.parent.isEntered`` and ``addObserver`` (VTKObservationMixin). Widgets override the hooks
+    ``parameterNodeSet``, ``sceneClosing`` and ``sceneClosed``; Qt stays in the widgets."""
+
+    _parameterNode: Any = None
+    _parameterNodeGuiTag: Any = None
+
+    def observeSceneClose(self, scene: Any) -> None:
+        """Follow the scene's StartClose/EndClose events."""
+        self.addObserver(scene, scene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(scene, scene.EndCloseEvent, self.onSceneEndClose)
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, node: Any) -> None:
+        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        self._parameterNode, self._parameterNodeGuiTag = node, None
+        if node is not None:
+            self._parameterNodeGuiTag = node.connectGui(self.ui)
+            self.parameterNodeSet()
+
+    def parameterNodeSet(self) -> None:
+        """Hook: a parameter node was just bound to the GUI."""
+
+    def sceneClosing(self) -> None:
+        """Hook: the scene starts closing (forget node references and chart IDs)."""
+
+    def sceneClosed(self) -> None:
+        """Hook: the scene was closed (before the parameter node is bound again)."""
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller: Any, event: Any) -> None:
+        self.setParameterNode(None)
+        self.sceneClosing()
+
+    def onSceneEndClose(self, caller: Any, event: Any) -> None:
+        self.sceneClosed()
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onReload(self) -> None:
+        """Reload VoCoSlicerLib too (Slicer's Reload only reloads the module file)."""
+        import VoCoSlicerLib
+
+        VoCoSlicerLib.reload_package()
+        super().onReload()  # ScriptedLoadableModuleWidget.onReload

@@ -82,3 +82,8 @@ def show_job(widgets: JobWidgets, button: Any, bar: Any, label: Any) -> None:
             widgets.button_enabled
     bar.visible, bar.maximum, bar.value = widgets.progress_visible, widgets.progress_maximum, widgets.progress_value
     label.text = widgets.label
+
+
+def show_progress(widgets: JobWidgets, bar: Any, busy: bool) -> None:
+    """A progress bar shown only while its job runs (the set-up panel's model and environment jobs)."""
+    bar.visible, bar.maximum, bar.value = busy, widgets.progress_maximum, widgets.progress_value
