@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ast
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -253,12 +252,47 @@ def test_segment_editor_singleton_and_inputs_in_the_order_the_editor_accepts(sli
     assert node.GetSegmentationNode() is None
 
 
-def test_module_files_guard_before_anything_else():
-    for name in ("VoCoSlicer", "VoCoSegment", "VoCoPretrain"):
-        tree = ast.parse((ROOT / name / f"{name}.py").read_text(encoding="utf-8"), feature_version=(3, 7))
-        body = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
-        first = [ast.unparse(n) for n in body[:3]]
-        assert first[0] == "import sys", name
-        assert first[1] == "from VoCoSlicerLib.compat import unsupported_message", name
-        assert "unsupported_message(sys.version_info)" in first[2], name
-    assert sys.version_info >= (3, 11)
+# ------------------------------------------------------------------------------------ panel plumbing (shared)
+class Wrapper:  # stand-in for a parameterNodeWrapper instance: records connectGui/disconnectGui
+    def __init__(self, log):
+        self.log = log
+
+    def connectGui(self, ui):  # noqa: N802
+        self.log.append("connect")
+        return "tag"
+
+    def disconnectGui(self, tag):  # noqa: N802
+        self.log.append(f"disconnect {tag}")
+
+
+def test_panel_plumbing_binds_unbinds_and_runs_the_hooks():
+    log = []
+
+    class Base:
+        def onReload(self):  # noqa: N802 - stands for ScriptedLoadableModuleWidget.onReload
+            log.append("base reload")
+
+    class Widget(module_support.PanelPlumbing, Base):
+        ui = object()
+        logic = types.SimpleNamespace(getParameterNode=lambda: Wrapper(log))
+        parent = types.SimpleNamespace(isEntered=True)
+
+        def parameterNodeSet(self):  # noqa: N802
+            log.append("set")
+
+        def sceneClosing(self):  # noqa: N802
+            log.append("closing")
+
+    w = Widget()
+    w.enter()
+    w.exit()
+    assert log == ["connect", "set", "disconnect tag"]
+    w.exit()  # twice: nothing to disconnect
+    log.clear()
+    w.enter()
+    w.onSceneStartClose(None, None)
+    w.onSceneEndClose(None, None)
+    assert log == ["connect", "set", "disconnect tag", "closing", "connect", "set"]
+    log.clear()
+    w.onReload()
+    assert log == ["base reload"]

@@ -8,7 +8,7 @@ module files (VoCoSlicer.py, VoCoSegment.py, VoCoPretrain.py) own every widget a
 # leaves first, so a reloaded module never keeps references into a stale one (``onReload`` in the widgets)
 _RELOAD_ORDER = ("compat", "labels_csv", "state", "params", "engine", "module_support", "job_runs", "jobs",
                  "worker_client", "plots", "deps", "models_view", "panels", "mrml_io", "cohort_view", "segment_flow",
-                 "job_driver")
+                 "job_driver", "segment_panel")
 
 
 def reload_package() -> "list[str]":  # quoted: this file is imported before the version check
