@@ -208,8 +208,6 @@ class VoCoPretrainWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWid
     def _drawCurves(self):
         if self.curves.update(slicer.mrmlScene, self.driver.metrics, create=self.driver.busy):
             slicer.modules.plots.logic().ShowChartInLayout(self.curves.chart(slicer.mrmlScene))
-        if self.curves.error:
-            logging.warning(self.curves.error)
 
     def _onTimer(self):  # one report per tick, no re-entry while a dialog is open (module_support.TimerTick)
         self._tick([(_("Run monitoring"), self.driver.tick), (_("Live curves"), self._drawCurves),

@@ -165,8 +165,11 @@ class VoCoSegmentWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWidg
 
     def _do(self, what, fn):
         """A user action: its error in one dialog, then the timer follows whatever it started."""
-        with slicer.util.tryWithErrorDisplay(_("Failed to {what}.").format(what=what), waitCursor=True):
-            fn()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Failed to {what}.").format(what=what), waitCursor=True):
+                fn()
+        except Exception:  # shown above; tryWithErrorDisplay re-raises, which would abort setup()
+            logging.debug("%s failed", what, exc_info=True)
         if self.panel.busy and not self._timer.isActive():
             self._timer.start()
         self._updateGUI()
@@ -175,7 +178,6 @@ class VoCoSegmentWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWidg
         return CohortParams(cohortDir=module_support.path_text(self._parameterNode.cohortDir),
                             annotator=self._parameterNode.annotator)
 
-    # ------------------------------------------------------------------ actions
     def _run(self, op):
         pn = self._parameterNode
         entry = self.panel.entries[self.ui.modelComboBox.currentIndex] if self.panel.entries else None
@@ -242,8 +244,6 @@ class VoCoSegmentWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWidg
     def _onTimer(self):  # one report per tick, no re-entry while a dialog is open (module_support.TimerTick)
         self._tick([*self.panel.tick_steps(), (_("Live curves"), lambda: self._showChart(self.panel.draw_curves())),
                     (_("Panel update"), self._updateGUI)])
-        if self.panel.curves.error:
-            logging.warning(self.panel.curves.error)
         if not self.panel.busy:
             self._timer.stop()
 

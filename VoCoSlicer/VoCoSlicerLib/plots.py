@@ -7,6 +7,7 @@ reported every step and validation Dice every few hundred steps: a shared table 
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,6 +214,8 @@ class LiveChart:
         try:
             return self._update(scene, history, create)
         except Exception as exc:  # noqa: BLE001 - drawing curves must not break the job it follows
+            if f"live curves: {exc}" != self.error:
+                logging.getLogger("VoCoSlicer").warning("live curves: %s", exc, exc_info=True)  # once, not per tick
             self.error = f"live curves: {exc}"
             self.reset()
             return False
