@@ -126,3 +126,27 @@ def test_in_app_self_test_flow_runs_on_slicer_core(slicer_core, tmp_path, monkey
     segments, counts = segment_panel.self_test(slicer_core.scene, tmp_path, load, wait)
     assert segments >= 1 and (counts.total, counts.labelled) == (1, 1)
     assert os.path.isdir(tmp_path / "cohort")
+
+
+def test_a_failed_download_reports_and_does_not_segment(panel, tmp_path, monkeypatch):
+    """The offered download runs as the real ``models download`` child job; here its file is no checkpoint
+    (a local catalog with a file:// URL: no network), so the job fails: the panel says so and no Segment runs."""
+    import json
+
+    catalog = json.loads((Path(models_view.__file__).parents[1] / "vocoslicer" / "resources" /
+                          "models.json").read_text())
+    entry = next(m for m in catalog["models"] if m["id"] == models_view.RECOMMENDED_DOWNLOAD)
+    (tmp_path / "VoComni_B.pt").write_bytes(b"not a checkpoint")
+    catalog["models"] = [{**entry, "url": (tmp_path / "VoComni_B.pt").as_uri(), "size_bytes": 16}]
+    (tmp_path / "catalog.json").write_text(json.dumps(catalog))
+    monkeypatch.setenv("VOCOSLICER_CATALOG", str(tmp_path / "catalog.json"))
+    panel.refresh_models()
+    _tick_until_idle(panel)
+    offer = panel.entries[0]
+    assert offer.kind == "download" and "16 B" in offer.text
+    assert panel.run("segment", _volume(), None, SegmentParams(useWarmWorker=False), offer) == "confirm"
+    panel.download(offer)
+    assert panel.downloading and panel.view().segmenting  # Segment button = Cancel, progress = the download
+    _tick_until_idle(panel)
+    assert panel.model_error.startswith("model job failed") and "checkpoint" in panel.model_error
+    assert panel.rec.later == [] and panel.job.state.state is JobState.IDLE
