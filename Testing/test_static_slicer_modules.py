@@ -166,3 +166,61 @@ def test_ui_files_are_valid_and_declare_their_custom_widgets(ui):
                                                                               "qMRMLSegmentEditorWidget")}
     assert mrml == {c.findtext("receiver") for c in root.iter("connection")
                     if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+
+
+# ------------------------------------------------------------------------------------------------- issue 12
+def _functions(tree: ast.Module) -> dict[str, ast.FunctionDef]:
+    return {f.name: f for c in tree.body if isinstance(c, ast.ClassDef) for f in c.body
+            if isinstance(f, ast.FunctionDef)}
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_module_file_is_under_300_lines_and_guards_the_version_first(name):
+    text = MODULE_FILES[name].read_text(encoding="utf-8")
+    assert len(text.splitlines()) < 300
+    tree = ast.parse(text, feature_version=(3, 7))  # parses as old Python: the guard can run and say why
+    body = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    assert ast.unparse(body[0]) == "import sys"
+    assert ast.unparse(body[1]) == "from VoCoSlicerLib.compat import unsupported_message"
+    assert isinstance(body[2], ast.If) and "unsupported_message(sys.version_info)" in ast.unparse(body[2].test)
+    assert any(isinstance(n, ast.Raise) for n in ast.walk(body[2]))
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_timer_paths_neither_rewrite_the_log_nor_nest_error_dialogs(name):
+    text = MODULE_FILES[name].read_text(encoding="utf-8")
+    assert "setPlainText" not in text, "append new log lines (module_support.LogFollower)"
+    funcs = _functions(_tree(name))
+    tick = [funcs["_onTimer"], funcs["_updateGUI"]]
+    tick += [funcs[m.group(1)] for m in re.finditer(r"on_finished=self\.(\w+)", text)]
+    for f in tick:
+        src = ast.unparse(f)
+        assert "tryWithErrorDisplay" not in src, f"{f.name}: runs inside the timer tick (TimerTick reports once)"
+    assert "self._tick(" in ast.unparse(funcs["_onTimer"])
+
+
+def test_python_for_jobs_is_no_scene_parameter_and_is_loaded_before_it_is_watched():
+    widgets = _ui_widgets(MODULES["VoCoSlicer"])
+    assert widgets["pythonPathLineEdit"][1] is None, "bound to the parameter node: connectGui writes '.' into it"
+    assert "pythonExecutable" not in _wrapper_fields(_tree("VoCoSlicer"))
+    setup = ast.unparse(_functions(_tree("VoCoSlicer"))["setup"])
+    assert setup.index("pythonPathLineEdit.currentPath =") < setup.index("currentPathChanged")
+    assert "pythonResetButton" in widgets
+
+
+def test_segment_panel_follows_slicer_segment_editor_life_cycle():
+    funcs = {k: ast.unparse(v) for k, v in _functions(_tree("VoCoSegment")).items()}
+    assert "installKeyboardShortcuts()" in funcs["enter"]
+    for call in ("setActiveEffect(None)", "uninstallKeyboardShortcuts()", "removeViewObservations()"):
+        assert call in funcs["exit"], call
+    assert "setSegmentationNode(None)" in funcs["sceneClosing"]
+    assert "effectRegistered(QString)" in funcs["setup"] and "updateEffectList()" in funcs["onEffectRegistered"]
+    assert "AddNewNodeByClass" not in MODULE_FILES["VoCoSegment"].read_text(), "singleton editor node only"
+    assert '"Segmentations"' in MODULE_FILES["VoCoSegment"].read_text()
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_self_tests_skip_properly_and_help_links_the_docs(name):
+    text = MODULE_FILES[name].read_text(encoding="utf-8")
+    assert "test skipped" not in text
+    assert "helpText" in text and 'href="{DOCS}"' in text

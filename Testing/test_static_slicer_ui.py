@@ -79,7 +79,7 @@ def test_ui_loads_and_has_every_widget_the_module_uses(app, name):
             assert isinstance(child, QtWidgets.QComboBox), attr
     # parameter names survive as dynamic properties (what parameterNodeWrapper.connectGui looks for)
     bound = {w.property("SlicerParameterName") for w in widget.findChildren(QtWidgets.QWidget)}
-    assert len(bound - {None}) >= 2
+    assert bound - {None}, "no widget bound to a parameter"
     widget.deleteLater()
 
 

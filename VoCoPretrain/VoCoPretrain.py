@@ -4,6 +4,13 @@ Thin Slicer module: runs are detached ``PythonSlicer -m vocoslicer pretrain ...`
 run directory, so they survive a Slicer restart and can be reattached, stopped and resumed from here.
 """
 
+import sys
+
+from VoCoSlicerLib.compat import unsupported_message
+
+if unsupported_message(sys.version_info):  # older Slicer: this message, not an error from newer code below
+    raise ImportError(unsupported_message(sys.version_info))
+
 import logging
 import pathlib
 from typing import Annotated
@@ -22,15 +29,14 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from VoCoSlicerLib import plots
-from VoCoSlicerLib.engine import python_executable
+from VoCoSlicerLib import engine, module_support, panels, plots
 from VoCoSlicerLib.job_driver import JobDriver
 from VoCoSlicerLib.job_runs import list_runs, new_run_dir
 from VoCoSlicerLib.params import MODEL_SIZES, PRETRAIN_METHODS, PretrainParams, from_parameter_node
 from VoCoSlicerLib.state import JobState
 
-PYTHON_SETTING = "VoCoSlicer/PythonExecutable"  # written by the VoCoSlicer set-up module
-PARAMETERS_SET_BY_CODE = ("dataDirs",)  # a folder list has no standard binding: dataDirsListWidget writes it
+PARAMETERS_SET_BY_CODE = ("dataDirs", "modelSize")  # dataDirsListWidget; modelSizeComboBox lists per method
+DOCS = "https://github.com/vocoslicer/VoCoSlicer#readme"
 
 
 class VoCoPretrain(ScriptedLoadableModule):
@@ -44,7 +50,8 @@ class VoCoPretrain(ScriptedLoadableModule):
         self.parent.contributors = ["VoCoSlicer contributors"]
         self.parent.helpText = _("Self-supervised pre-training on your own unlabelled CT folders: VoCo volume "
                                  "contrast, PUMIT tokenizer or PUMIT masked image modelling, on one or several GPUs. "
-                                 "Runs continue in the background and can be reattached after a restart.")
+                                 "Runs continue in the background and can be reattached after a restart.") + \
+            f' <a href="{DOCS}">' + _("Documentation") + "</a>"
         self.parent.acknowledgementText = _("VoCo (Wu et al.) and PUMIT (Luo et al.) pre-training methods.")
 
 
@@ -63,16 +70,13 @@ class VoCoPretrainParameterNode:
     initCheckpoint: pathlib.Path
 
 
-class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class VoCoPretrainWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Panel: settings, launch/stop/resume/reattach, live curves, throughput, log."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._chart = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -81,13 +85,17 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = VoCoPretrainLogic()
+        engine.set_startup_environment(slicer.util.startupEnvironment)  # for a "Python for jobs" not Slicer's own
         self.driver = JobDriver(_("Launch"), on_finished=self._onFinished)
+        self.curves = plots.LiveChart(_("Pre-training"))
+        self.logView = module_support.LogFollower()
+        self._tick = module_support.TimerTick(lambda text: slicer.util.errorDisplay(text, windowTitle="VoCoPretrain"))
+        self.ui.logTextEdit.setMaximumBlockCount(2000)
         self._timer = qt.QTimer()
         self._timer.setInterval(500)
         self._timer.connect("timeout()", self._onTimer)
         self.ui.outputDirPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.observeSceneClose(slicer.mrmlScene)
         self.ui.addDataDirButton.connect("clicked(bool)", self.onAddDataDir)
         self.ui.removeDataDirButton.connect("clicked(bool)", self.onRemoveDataDir)
         self.ui.launchButton.connect("clicked(bool)", self.onLaunch)
@@ -95,6 +103,10 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resumeButton.connect("clicked(bool)", self.onResume)
         self.ui.reattachButton.connect("clicked(bool)", self.onReattach)
         self.ui.copyTorchrunButton.connect("clicked(bool)", self.onCopyTorchrun)
+        self.ui.methodComboBox.connect("currentIndexChanged(int)", lambda: self.onMethodChanged(
+            self.ui.methodComboBox.currentText))  # the parameter node may lag behind the widget
+        self.ui.modelSizeComboBox.connect("currentIndexChanged(int)", lambda: self._parameterNode and setattr(
+            self._parameterNode, "modelSize", self.ui.modelSizeComboBox.currentText or self._parameterNode.modelSize))
         self.initializeParameterNode()
         self._refreshRuns()
         self._updateGUI()
@@ -107,44 +119,35 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         self._refreshRuns()
 
-    def exit(self):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
+    def sceneClosing(self):
+        self.curves.reset()  # its node IDs may be reused by the next scene
 
-    def onSceneStartClose(self, caller, event):
-        self.setParameterNode(None)
+    def parameterNodeSet(self):
+        self.ui.dataDirsListWidget.clear()
+        for folder in self._parameterNode.dataDirs:
+            self.ui.dataDirsListWidget.addItem(folder)
+        self.onMethodChanged(self._parameterNode.method)
 
-    def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def onReload(self):
-        import VoCoSlicerLib
-
-        VoCoSlicerLib.reload_package()
-        ScriptedLoadableModuleWidget.onReload(self)
-
-    def initializeParameterNode(self):
-        self.setParameterNode(self.logic.getParameterNode())
-
-    def setParameterNode(self, inputParameterNode):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.ui.dataDirsListWidget.clear()
-            for folder in self._parameterNode.dataDirs:
-                self.ui.dataDirsListWidget.addItem(folder)
-
-    def _python(self):
-        return python_executable(str(qt.QSettings().value(PYTHON_SETTING, "") or ""))
+    def onMethodChanged(self, method):
+        """Only the sizes this method accepts; "Start from" takes a folder for MIM, a file for VoCo."""
+        if self._parameterNode is None:
+            return
+        sizes, chosen = panels.sizes_for(method, self._parameterNode.modelSize)
+        combo, blocked = self.ui.modelSizeComboBox, self.ui.modelSizeComboBox.blockSignals(True)
+        combo.clear()
+        combo.addItems(sizes)
+        combo.setCurrentText(chosen)
+        combo.blockSignals(blocked)
+        self._parameterNode.modelSize = chosen
+        start = panels.start_from(method)
+        self.ui.initCheckpointPathLineEdit.enabled = start.enabled
+        self.ui.initCheckpointPathLineEdit.toolTip = start.tooltip
+        self.ui.initCheckpointPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs if start.folders else \
+            ctk.ctkPathLineEdit.Files
 
     def _params(self):
         return from_parameter_node(PretrainParams, self._parameterNode)
 
-    # ------------------------------------------------------------------ data folders
     def onAddDataDir(self):
         folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Folder of unlabelled volumes"))
         if folder and folder not in self._parameterNode.dataDirs:
@@ -154,17 +157,14 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onRemoveDataDir(self):
         row = self.ui.dataDirsListWidget.currentRow
         if row >= 0:
-            dirs = list(self._parameterNode.dataDirs)
-            del dirs[row]
-            self._parameterNode.dataDirs = dirs
+            self._parameterNode.dataDirs = [d for i, d in enumerate(self._parameterNode.dataDirs) if i != row]
             self.ui.dataDirsListWidget.takeItem(row)
 
-    # ------------------------------------------------------------------ runs
     def onLaunch(self):
         with slicer.util.tryWithErrorDisplay(_("Failed to launch pre-training."), waitCursor=True):
             params = self._params()
-            runDir = new_run_dir(f"pretrain-{params.method}")
-            self.driver.start([params.args()], run_dir=runDir, detached=True, python=self._python())
+            self.driver.start([params.args()], run_dir=new_run_dir(f"pretrain-{params.method}"), detached=True,
+                              python=module_support.job_python(qt.QSettings()))
             self._follow()
 
     def onStop(self):
@@ -180,7 +180,7 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onResume(self):
         with slicer.util.tryWithErrorDisplay(_("Failed to resume the run."), waitCursor=True):
-            self.driver.python = self._python()
+            self.driver.python = module_support.job_python(qt.QSettings())
             self.driver.resume(self._selectedRun(), detached=True)
             self._follow()
 
@@ -197,44 +197,39 @@ class VoCoPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateGUI()
 
     def _follow(self):
-        self._chart = plots.new_chart(slicer.mrmlScene, _("Pre-training"))
-        slicer.modules.plots.logic().ShowChartInLayout(self._chart)
+        slicer.modules.plots.logic().ShowChartInLayout(self.curves.follow(slicer.mrmlScene))
         self._timer.start()
         self._updateGUI()
 
     def _refreshRuns(self):
-        combo = self.ui.runsComboBox
-        combo.clear()
-        for run in list_runs():
-            if str(run.get("command", "")).startswith("pretrain"):
-                combo.addItem(f"{pathlib.Path(run['run_dir']).name}  ({run.get('status', '?')})", run["run_dir"])
+        self.ui.runsComboBox.clear()
+        for text, runDir in panels.runs_of(list_runs(), "pretrain"):
+            self.ui.runsComboBox.addItem(text, runDir)
 
-    def _onTimer(self):
-        with slicer.util.tryWithErrorDisplay(_("Run monitoring failed.")):
-            self.driver.tick()
-            if self._chart is not None and self.driver.metrics.names():
-                plots.update_chart(slicer.mrmlScene, self._chart, self.driver.metrics)
+    def _drawCurves(self):
+        if self.curves.update(slicer.mrmlScene, self.driver.metrics, create=self.driver.busy):
+            slicer.modules.plots.logic().ShowChartInLayout(self.curves.chart(slicer.mrmlScene))
+
+    def _onTimer(self):  # one report per tick, no re-entry while a dialog is open (module_support.TimerTick)
+        self._tick([(_("Run monitoring"), self.driver.tick), (_("Live curves"), self._drawCurves),
+                    (_("Panel update"), self._updateGUI)])
         if not self.driver.busy:
             self._timer.stop()
-        self._updateGUI()
 
     def _onFinished(self, driver):
         logging.info(f"pre-training run {driver.run_dir} ended: {driver.state.state.value} {driver.state.message}")
         self._refreshRuns()
 
     def _updateGUI(self):
-        view = self.driver.state.view()
         busy = self.driver.busy
         self.ui.launchButton.enabled = not busy
         self.ui.resumeButton.enabled = not busy and self.ui.runsComboBox.count > 0
         self.ui.reattachButton.enabled = not busy and self.ui.runsComboBox.count > 0
         self.ui.stopButton.enabled = self.driver.state.state is JobState.RUNNING
-        self.ui.progressBar.visible = view.progress_visible
-        self.ui.progressBar.maximum = 0 if view.progress_percent < 0 else 100
-        self.ui.progressBar.value = max(view.progress_percent, 0)
-        self.ui.statusLabel.text = view.progress_text
+        panels.show_job(panels.job_widgets(self.driver), None, self.ui.progressBar, self.ui.statusLabel)
+        self.ui.statusLabel.text = self.driver.state.view().progress_text  # throughput has its own label
         self.ui.throughputLabel.text = self.driver.throughput.text()
-        self.ui.logTextEdit.setPlainText(self.driver.log_text())
+        self.logView.show(self.ui.logTextEdit, [("", self.driver.log)])
 
 
 class VoCoPretrainLogic(ScriptedLoadableModuleLogic):
@@ -255,21 +250,13 @@ class VoCoPretrainTest(ScriptedLoadableModuleTest):
         self.test_tiny_run_and_reattach()
 
     def _wait(self, driver, timeout=600):
-        import time
-
-        deadline = time.time() + timeout
-        while driver.busy and time.time() < deadline:
-            driver.tick()
-            slicer.app.processEvents()
-            time.sleep(0.1)
-        self.assertFalse(driver.busy, "run timed out")
+        self.assertTrue(module_support.wait_for(driver, slicer.app.processEvents, timeout), "run timed out")
 
     def test_tiny_run_and_reattach(self):
         import importlib.util
 
         if importlib.util.find_spec("torch") is None:
-            self.delayDisplay("PyTorch is not installed (installs are skipped in testing mode): test skipped")
-            return
+            self.skipTest("PyTorch is not installed (installs are skipped in testing mode)")
         tmp = pathlib.Path(slicer.util.tempDirectory())
         driver = JobDriver("test")
         driver.start([["phantom", "--seed", "11", "--count", "2", "--size", "48", "48", "24", "-o", str(tmp / "data")]])

@@ -4,6 +4,18 @@ Thin Slicer module. It also ships the shared packages of the extension: ``VoCoSl
 by all three modules) and ``vocoslicer`` (the engine, run only in child processes: ``PythonSlicer -m vocoslicer``).
 """
 
+import sys
+
+from VoCoSlicerLib.compat import unsupported_message
+
+if unsupported_message(sys.version_info):  # older Slicer: this message, not an error from newer code below
+    try:
+        import slicer
+
+        slicer.util.errorDisplay(unsupported_message(sys.version_info), windowTitle="VoCoSlicer")
+    finally:
+        raise ImportError(unsupported_message(sys.version_info))
+
 import pathlib
 
 import ctk
@@ -20,12 +32,11 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from VoCoSlicerLib import deps, models_view
-from VoCoSlicerLib.engine import python_executable
+from VoCoSlicerLib import deps, engine, models_view, module_support, panels
 from VoCoSlicerLib.job_driver import JobDriver
 from VoCoSlicerLib.state import JobState
 
-PYTHON_SETTING = "VoCoSlicer/PythonExecutable"  # read by VoCoSegment and VoCoPretrain too
+DOCS = "https://github.com/vocoslicer/VoCoSlicer#readme"
 MIN_TORCH = deps.TORCH_REQUIREMENT  # MONAI's own torch floor (VoCoSlicerLib.deps)
 
 
@@ -40,7 +51,8 @@ class VoCoSlicer(ScriptedLoadableModule):
         self.parent.contributors = ["VoCoSlicer contributors"]
         self.parent.helpText = _("Set up VoCoSlicer: check PyTorch, CUDA and the GPU, install or repair the Python "
                                  "packages, and download, import or remove models. Use VoCo Segment to segment "
-                                 "and finetune, VoCo Pretrain for self-supervised pre-training.")
+                                 "and finetune, VoCo Pretrain for self-supervised pre-training.") + \
+            f' <a href="{DOCS}">' + _("Documentation") + "</a>"
         self.parent.acknowledgementText = _("VoCo (Wu et al.) and PUMIT (Luo et al.); built on MONAI and PyTorch.")
 
 
@@ -48,21 +60,16 @@ class VoCoSlicer(ScriptedLoadableModule):
 class VoCoSlicerParameterNode:
     """Set-up options."""
 
-    forceReinstall: bool = False
-    pythonExecutable: pathlib.Path
+    forceReinstall: bool = False  # "Python for jobs" is an application setting (QSettings), not per scene
 
 
-class VoCoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class VoCoSlicerWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Panel: environment report, install/repair, model manager."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._rows = []
-        self._listing = False
+        self.logic, self._rows, self._listing = None, [], False
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -71,8 +78,12 @@ class VoCoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = VoCoSlicerLogic()
+        engine.set_startup_environment(slicer.util.startupEnvironment)  # for a "Python for jobs" not Slicer's own
         self.envDriver = JobDriver(_("Check environment"), on_finished=self._onEnvironment)
         self.modelsDriver = JobDriver(_("Models"), on_finished=self._onModelsJob)
+        self.logView = module_support.LogFollower()
+        self._tick = module_support.TimerTick(lambda text: slicer.util.errorDisplay(text, windowTitle="VoCoSlicer"))
+        self.ui.logTextEdit.setMaximumBlockCount(2000)
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self._onTimer)
@@ -82,11 +93,12 @@ class VoCoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
         self.ui.environmentTableWidget.setHorizontalHeaderLabels([_("Item"), _("Value")])
         self.ui.pythonPathLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Executable
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.pythonPathLineEdit.currentPath = module_support.read_python(qt.QSettings())  # before connecting
+        self.observeSceneClose(slicer.mrmlScene)
         self.ui.checkEnvironmentButton.connect("clicked(bool)", self.onCheckEnvironment)
         self.ui.installButton.connect("clicked(bool)", self.onInstall)
         self.ui.pythonPathLineEdit.connect("currentPathChanged(QString)", self.onPythonChanged)
+        self.ui.pythonResetButton.connect("clicked(bool)", self.onPythonReset)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.onRefreshModels)
         self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
@@ -99,50 +111,24 @@ class VoCoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         self.removeObservers()
         self._timer.stop()
-        self.envDriver.cancel()
-        self.modelsDriver.cancel()
-
-    def enter(self):
-        self.initializeParameterNode()
-
-    def exit(self):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-
-    def onSceneStartClose(self, caller, event):
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def onReload(self):
-        import VoCoSlicerLib
-
-        VoCoSlicerLib.reload_package()
-        ScriptedLoadableModuleWidget.onReload(self)
-
-    def initializeParameterNode(self):
-        self.setParameterNode(self.logic.getParameterNode())
-
-    def setParameterNode(self, inputParameterNode):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+        for driver in (self.envDriver, self.modelsDriver):
+            driver.cancel()
 
     def _python(self):
-        return python_executable(str(qt.QSettings().value(PYTHON_SETTING, "") or ""))
+        return module_support.job_python(qt.QSettings())
 
     def onPythonChanged(self, path):
-        qt.QSettings().setValue(PYTHON_SETTING, "" if path in ("", ".") else path)
+        module_support.write_python(qt.QSettings(), path)
+
+    def onPythonReset(self):  # the path field emits nothing for an empty text: clearing needs its own button
+        module_support.write_python(qt.QSettings(), "")
+        self.ui.pythonPathLineEdit.currentPath = ""
 
     # ------------------------------------------------------------------ environment
     def onCheckEnvironment(self):
         with slicer.util.tryWithErrorDisplay(_("Failed to check the environment.")):
-            self.envDriver.start([["env", "--json"]], run_dir=slicer.util.tempDirectory(), python=self._python())
+            run = module_support.scratch_dir(slicer.util.tempDirectory())
+            self.envDriver.start([["env", "--json"]], run_dir=run, python=self._python(), temp_paths=[run])
             self._timer.start()
             self._updateGUI()
 
@@ -150,16 +136,9 @@ class VoCoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if driver.state.state is not JobState.DONE:
             self.ui.adviceLabel.text = _("The environment probe failed: ") + driver.state.message
             return
-        with slicer.util.tryWithErrorDisplay(_("Failed to read the environment report.")):
-            report = deps.EnvReport.from_json(driver.json_output())
-            rows = report.rows()
-            table = self.ui.environmentTableWidget
-            table.setRowCount(len(rows))
-            for i, (item, value) in enumerate(rows):
-                table.setItem(i, 0, qt.QTableWidgetItem(item))
-                table.setItem(i, 1, qt.QTableWidgetItem(value))
-            table.resizeColumnsToContents()
-            self.ui.adviceLabel.text = "\n".join(report.advice()) or _("Ready: PyTorch and all packages found.")
+        report = deps.EnvReport.from_json(driver.json_output())  # runs in the timer tick: it reports errors once
+        module_support.fill_table(self.ui.environmentTableWidget, report.rows(), qt.QTableWidgetItem)
+        self.ui.adviceLabel.text = "\n".join(report.advice()) or _("Ready: PyTorch and all packages found.")
 
     def onInstall(self):
         with slicer.util.tryWithErrorDisplay(_("Failed to install dependencies."), waitCursor=True):
@@ -177,8 +156,8 @@ class VoCoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.modelsDriver.busy:
             raise RuntimeError(_("Another model operation is running."))
         self._listing = args == models_view.list_args()
-        self.modelsDriver.start([args], run_dir=slicer.util.tempDirectory() if self._listing else None,
-                                python=self._python())
+        run = module_support.scratch_dir(slicer.util.tempDirectory()) if self._listing else None
+        self.modelsDriver.start([args], run_dir=run, python=self._python(), temp_paths=[run] if run else [])
         self._timer.start()
         self._updateGUI()
 
@@ -198,8 +177,7 @@ class VoCoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.mainWindow(), _("Import a model bundle or checkpoint"), "",
                 _("Model bundles and checkpoints (*.zip *.pt *.pth *.safetensors model.json)"))
             if path:
-                p = pathlib.Path(path)
-                self._startModelsJob(models_view.import_args(str(p.parent if p.name == "model.json" else p)))
+                self._startModelsJob(models_view.import_args(path))
 
     def onRemoveModel(self):
         with slicer.util.tryWithErrorDisplay(_("Failed to remove the model.")):
@@ -222,29 +200,17 @@ class VoCoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._listing:
             qt.QTimer.singleShot(0, self.onRefreshModels)  # after this job's bookkeeping is over
             return
-        with slicer.util.tryWithErrorDisplay(_("Failed to read the model list.")):
-            self._rows = models_view.parse_catalog(driver.json_output())
-            table = self.ui.modelsTableWidget
-            table.setRowCount(len(self._rows))
-            for i, row in enumerate(self._rows):
-                for j, text in enumerate(row.cells()):
-                    item = qt.QTableWidgetItem(text)
-                    item.setToolTip(row.description or row.path)
-                    table.setItem(i, j, item)
-            table.resizeColumnsToContents()
-            installed = sum(r.installed for r in self._rows)
-            self.ui.modelsStatusLabel.text = _("{n} installed, {m} available").format(
-                n=installed, m=len(self._rows) - installed)
+        self._rows = models_view.parse_catalog(driver.json_output())  # in the timer tick: errors reported once
+        module_support.fill_table(self.ui.modelsTableWidget, [r.cells() for r in self._rows], qt.QTableWidgetItem,
+                                  [r.description or r.path for r in self._rows])
+        self.ui.modelsStatusLabel.text = models_view.status_text(self._rows)
 
     # ------------------------------------------------------------------ polling
-    def _onTimer(self):
-        for driver in (self.envDriver, self.modelsDriver):
-            if driver.busy:
-                with slicer.util.tryWithErrorDisplay(_("Job monitoring failed.")):
-                    driver.tick()
+    def _onTimer(self):  # one report per tick, no re-entry while a dialog is open (module_support.TimerTick)
+        self._tick([*[(d.state.action, d.tick) for d in (self.envDriver, self.modelsDriver) if d.busy],
+                    (_("Panel update"), self._updateGUI)])
         if not (self.envDriver.busy or self.modelsDriver.busy):
             self._timer.stop()
-        self._updateGUI()
 
     def _updateGUI(self):
         self.ui.checkEnvironmentButton.enabled = not self.envDriver.busy
@@ -252,15 +218,12 @@ class VoCoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for button in (self.ui.refreshModelsButton, self.ui.downloadModelButton, self.ui.importModelButton,
                        self.ui.removeModelButton):
             button.enabled = not busy
-        view = self.modelsDriver.state.view()
-        self.ui.modelsProgressBar.visible = busy
-        self.ui.modelsProgressBar.maximum = 0 if view.progress_percent < 0 else 100
-        self.ui.modelsProgressBar.value = max(view.progress_percent, 0)
+        panels.show_progress(panels.job_widgets(self.modelsDriver), self.ui.modelsProgressBar, busy)
         if busy:
-            self.ui.modelsStatusLabel.text = view.progress_text
+            self.ui.modelsStatusLabel.text = self.modelsDriver.state.view().progress_text
         self.ui.environmentProgressBar.visible = self.envDriver.busy
         self.ui.environmentProgressBar.maximum = 0
-        self.ui.logTextEdit.setPlainText("\n".join([*self.envDriver.log, *self.modelsDriver.log]))
+        self.logView.show(self.ui.logTextEdit, [("", self.envDriver.log), ("", self.modelsDriver.log)])
 
 
 class VoCoSlicerLogic(ScriptedLoadableModuleLogic):
@@ -273,25 +236,15 @@ class VoCoSlicerLogic(ScriptedLoadableModuleLogic):
         return VoCoSlicerParameterNode(super().getParameterNode())
 
     def installDependencies(self, requirementsPath, force=False):
-        """PyTorch through the PyTorch extension (right CUDA build) when absent or below the floor MONAI needs,
-        then the pinned engine packages with ``slicer.packaging``; ``force`` reinstalls those packages (torch
-        stays: PyTorch Utils manages its build).
-
-        Slicer's own numpy and SimpleITK and the installed torch are frozen by a constraints file, so pip
-        reports a conflict instead of replacing them. Nothing is installed, and nothing restarts, in testing mode
-        (pip_ensure's ``skip_in_testing``, applied to every path here), and torch is never imported to decide:
-        its metadata is read instead (PyTorchUtils' ``torchInstalled()`` imports it).
-        """
-        # first statement: it binds the local name ``slicer``. slicer/__init__.py does not import the submodule,
-        # so hasattr(slicer, "packaging") is False in a fresh session (Slicer's module template imports it too).
+        """torch through the PyTorch extension when absent or below MONAI's floor, then the pinned packages with
+        ``slicer.packaging`` (``force`` reinstalls them, not torch); Slicer's numpy/SimpleITK and torch are frozen by
+        a constraints file. Nothing is installed or restarted in testing mode; torch is never imported to decide."""
+        # first statement (binds the local ``slicer``): slicer/__init__.py never imports this submodule
         try:
             import slicer.packaging
         except ImportError:  # Slicer < 5.12, which the module files refuse before getting here
             raise RuntimeError(_("VoCoSlicer needs 3D Slicer 5.12 or later (slicer.packaging).")) from None
-        if slicer.app.testingEnabled():
-            import logging
-
-            logging.info("VoCoSlicer: testing mode, dependency installation skipped")
+        if slicer.app.testingEnabled():  # self-tests never install or restart
             return
         if deps.torch_install_needed(deps.installed_torch()):
             try:
@@ -331,23 +284,14 @@ class VoCoSlicerTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_environment_and_catalog()
 
-    def _wait(self, driver, timeout=300):
-        import time
-
-        deadline = time.time() + timeout
-        while driver.busy and time.time() < deadline:
-            driver.tick()
-            slicer.app.processEvents()
-            time.sleep(0.1)
+    def _run(self, driver, args, timeout=300):
+        driver.start([args], run_dir=slicer.util.tempDirectory())
+        self.assertTrue(module_support.wait_for(driver, slicer.app.processEvents, timeout), "job timed out")
         self.assertEqual(driver.state.state, JobState.DONE, driver.state.message)
+        return driver.json_output()
 
     def test_environment_and_catalog(self):
         driver = JobDriver("test")
-        driver.start([["env", "--json"]], run_dir=slicer.util.tempDirectory())
-        self._wait(driver)
-        report = deps.EnvReport.from_json(driver.json_output())
-        self.assertTrue(report.python)
-        driver.start([models_view.list_args()], run_dir=slicer.util.tempDirectory())
-        self._wait(driver)
-        self.assertTrue(models_view.parse_catalog(driver.json_output()), "empty model catalog")
+        self.assertTrue(deps.EnvReport.from_json(self._run(driver, ["env", "--json"])).python)
+        self.assertTrue(models_view.parse_catalog(self._run(driver, models_view.list_args())), "empty model catalog")
         self.delayDisplay("Test passed")

@@ -6,11 +6,12 @@ module files (VoCoSlicer.py, VoCoSegment.py, VoCoPretrain.py) own every widget a
 """
 
 # leaves first, so a reloaded module never keeps references into a stale one (``onReload`` in the widgets)
-_RELOAD_ORDER = ("labels_csv", "state", "params", "engine", "job_runs", "proctree", "jobs", "worker_client",
-                 "job_sources", "plots", "deps", "models_view", "mrml_io", "cohort_view", "segment_flow", "job_driver")
+_RELOAD_ORDER = ("compat", "labels_csv", "state", "params", "engine", "module_support", "job_runs", "proctree", "jobs",
+                 "worker_client", "job_sources", "plots", "deps", "models_view", "panels", "mrml_io", "cohort_view",
+                 "segment_flow", "job_driver", "segment_panel")
 
 
-def reload_package() -> list[str]:
+def reload_package() -> "list[str]":  # quoted: this file is imported before the version check
     """Reload every loaded ``VoCoSlicerLib`` submodule (Slicer's "Reload" only reloads the module file)."""
     import importlib
     import sys

@@ -14,7 +14,7 @@ MIN_PYTHON = (3, 12)  # the Python that Slicer 5.12 ships; the engine alone also
 DOWNLOAD_URL = "https://download.slicer.org"
 
 
-def _dotted(version: "tuple") -> str:
+def _dotted(version: "tuple") -> "str":
     return ".".join(str(int(part)) for part in tuple(version))
 
 

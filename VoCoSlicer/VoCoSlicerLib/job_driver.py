@@ -9,7 +9,6 @@ returns at once, so a tick never blocks the GUI.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from typing import Any
 from VoCoSlicerLib.engine import StartupEnv, python_executable, shell_command
 from VoCoSlicerLib.job_sources import UNAVAILABLE, JobSource, ProcessSource, WorkerRequestSource
 from VoCoSlicerLib.jobs import Job
+from VoCoSlicerLib.module_support import LogLines
 from VoCoSlicerLib.plots import MetricHistory, Throughput
 from VoCoSlicerLib.state import JobState, JobStateMachine
 
@@ -45,7 +45,7 @@ class JobDriver:
         self.job: Job | None = None  # the child process of the current command, if the source is one
         self.metrics = MetricHistory()
         self.throughput = Throughput()
-        self.log: collections.deque[str] = collections.deque(maxlen=log_lines)
+        self.log = LogLines(maxlen=log_lines)  # counts appended lines: views append only new ones
         self.artifacts: list[dict[str, Any]] = []
         self.python: str | None = None
         self._pending: list[list[str]] = []

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from VoCoSlicerLib.params import DEMO_MODEL_ID
+
 COLUMNS = ("Model", "Version", "Task", "Status", "Size", "Licence")
 
 
@@ -30,6 +32,7 @@ class ModelRow:
     path: str = ""
     description: str = ""
     parent: str = ""  # the model this one was finetuned from
+    licence_url: str = ""
 
     @property
     def spec(self) -> str:
@@ -72,7 +75,8 @@ def _row(d: dict[str, Any]) -> ModelRow:
         installed=bool(d.get("installed", bool(d.get("path")))),
         size_bytes=int(size) if size is not None else None,
         license=str(d.get("license", d.get("licence", "")) or ""), title=str(d.get("title", d.get("name", "")) or ""),
-        path=str(d.get("path", "") or ""), description=str(d.get("description", "") or ""), parent=str(parent))
+        path=str(d.get("path", "") or ""), description=str(d.get("description", "") or ""), parent=str(parent),
+        licence_url=str(d.get("licence_url", d.get("license_url", "")) or ""))
 
 
 def parse_catalog(text: str | dict | list) -> list[ModelRow]:
@@ -119,6 +123,96 @@ def find(rows: list[ModelRow], spec: str) -> ModelRow | None:
     return max(matches, key=lambda r: _version_key(r.version)) if matches else None
 
 
+# the real segmentation models the default prefers, best first (bigger VoComni = more accurate, same labels);
+# other installed real segmentation models (imported, finetuned) follow, newest first
+PREFERRED = ("vocomni-h", "vocomni-l", "vocomni-b")
+RECOMMENDED_DOWNLOAD = "vocomni-b"  # offered on the first Segment when no real model is installed: the smallest
+DEMO_TEXT = "Demo (synthetic phantoms only)"
+
+
+def is_demo(row: ModelRow) -> bool:
+    """The bundled demo model, or one finetuned from it: trained on synthetic phantoms, wrong on a real CT."""
+    return row.id == DEMO_MODEL_ID or row.parent.split("@")[0] == DEMO_MODEL_ID
+
+
+def best_segmentation(rows: list[ModelRow]) -> ModelRow | None:
+    """The installed real segmentation model a user who just clicks Segment should get (None: only the demo)."""
+    real = [r for r in selectable(rows, "segmentation") if not is_demo(r)]
+    rank = {mid: i for i, mid in enumerate(PREFERRED)}
+    return min(real, key=lambda r: rank.get(r.id, len(rank)), default=None)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One item of VoCoSegment's model selector: an installed model, a model offered for download, the demo."""
+
+    text: str
+    spec: str  # what --model takes; for a download offer the catalog ID@VERSION
+    kind: str  # "model", "download" or "demo"
+    row: ModelRow | None = None
+
+
+def selector_entries(rows: list[ModelRow]) -> list[Entry]:
+    """Selector items, the default first: the best real segmentation model, the other installed models, then
+    (when no real segmentation model is installed) VoComni-B to download, and the demo last."""
+    best = best_segmentation(rows)
+    models = [r for r in selectable(rows, "segmentation") if not is_demo(r) and r != best]
+    models = ([best] if best else []) + models + selectable(rows, "classification")
+    out = [Entry(f"{r.display_name}  [{r.task}]", r.spec, "model", r) for r in models]
+    if best is None:
+        offer = [r for r in rows if r.id == RECOMMENDED_DOWNLOAD and not r.installed]
+        if offer:
+            r = max(offer, key=lambda r: _version_key(r.version))
+            size = format_size(r.size_bytes)
+            out.insert(0, Entry(f"{r.title or r.id} (download{', ' + size if size else ''})",
+                                f"{r.id}@{r.version}" if r.version else r.id, "download", r))
+    demos = [r for r in selectable(rows, "segmentation") if is_demo(r)]
+    out += [Entry(DEMO_TEXT if r.id == DEMO_MODEL_ID else f"{r.display_name} (synthetic phantoms only)",
+                  r.spec, "demo", r) for r in demos]
+    if not demos:
+        out.append(Entry(DEMO_TEXT, DEMO_MODEL_ID, "demo"))  # the engine bundles it even when unlisted
+    return out
+
+
+def default_index(entries: list[Entry], current: str) -> int:
+    """Keep the user's choice when it is still offered; otherwise the first entry (the best real model)."""
+    for i, e in enumerate(entries):
+        if current and current in (e.spec, e.row.id if e.row else None):
+            return i
+    return 0
+
+
+def info_text(entry: Entry | None) -> str:
+    """The line under the selector: what the model is, and a warning for the demo."""
+    if entry is None:
+        return ""
+    r = entry.row
+    if entry.kind == "download" and r is not None:
+        return (f"Not installed: Segment offers to download {r.title or r.id} {r.version} "
+                f"({format_size(r.size_bytes) or 'size unknown'}). Licence: {r.license or 'not stated'}.")
+    if entry.kind == "demo":
+        return ("Trained on synthetic phantoms only: for trying the workflow, not for a real CT. "
+                "Download a VoComni model in the VoCoSlicer module.")
+    if r is None:
+        return ""
+    text = f"{r.title or r.id} {r.version}: {r.task}"
+    return text + (f", finetuned from {r.parent}" if r.parent else "")
+
+
+def download_question(entry: Entry) -> str:
+    """The confirmation text before a download: what, how big, under which licence."""
+    r = entry.row
+    if r is None:
+        return f"Download {entry.spec}?"
+    lines = [f"{r.title or r.id} {r.version} is not installed. Download it now?", "",
+             f"Size: {format_size(r.size_bytes) or 'unknown'}", f"Licence: {r.license or 'not stated'}"]
+    if r.licence_url:
+        lines.append(f"Licence details: {r.licence_url}")
+    lines += ["", "The download runs in the background (progress below, Cancel stops it); the file's checksum "
+              "is verified. Segmentation starts when it is installed."]
+    return "\n".join(lines)
+
+
 def models_dir() -> Path:
     """Where the engine installs models (``$VOCOSLICER_HOME/models``, default ``~/.vocoslicer/models``)."""
     return Path(os.environ.get("VOCOSLICER_HOME") or Path.home() / ".vocoslicer").expanduser() / "models"
@@ -135,8 +229,15 @@ def download_args(row: ModelRow) -> list[str]:
 
 
 def import_args(path: str) -> list[str]:
-    """``models import PATH`` (a bundle folder or zip; offline installs)."""
-    return ["models", "import", str(path)]
+    """``models import PATH`` (a bundle folder or zip, or a checkpoint; a picked ``model.json`` means its folder)."""
+    p = Path(path)
+    return ["models", "import", str(p.parent if p.name == "model.json" else p)]
+
+
+def status_text(rows: list[ModelRow]) -> str:
+    """``2 installed, 6 available`` under the model table."""
+    installed = sum(r.installed for r in rows)
+    return f"{installed} installed, {len(rows) - installed} available"
 
 
 def remove_args(row: ModelRow) -> list[str]:

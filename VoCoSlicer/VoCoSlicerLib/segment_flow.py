@@ -34,23 +34,75 @@ class Task:
     output: Path
     args: list[str]
     request: dict[str, Any] = field(default_factory=dict)
+    volume: Any = None  # the nodes the result belongs to, remembered at start (see check_target)
+    segmentation: Any = None
+
+
+class StaleResult(RuntimeError):
+    """The job's target nodes left the scene (scene closed, node deleted) while it ran: its result is dropped."""
+
+
+def check_target(scene: slicer.vtkMRMLScene, task: Task) -> None:
+    """Raise :class:`StaleResult` unless the volume (and the segmentation) a job started for are still in
+    ``scene``. Node objects, not IDs, are compared: after a scene close the next scene reuses the IDs."""
+    for node in (task.volume, task.segmentation):
+        if node is not None and not scene.IsNodePresent(node):
+            raise StaleResult(f"{node.GetName()} is no longer in the scene (closed or deleted): result dropped")
+
+
+def default_input_volume(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLScalarVolumeNode | None:
+    """The first scalar volume that is not a label map (a label map is a scalar volume subclass)."""
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+        if not node.IsA("vtkMRMLLabelMapVolumeNode"):
+            return node
+    return None
+
+
+EDITOR_SINGLETON_TAG = "VoCoSegment"
+
+
+def segment_editor_node(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLSegmentEditorNode:
+    """The embedded editor's node, as Slicer's SegmentEditor module keeps its own: one singleton per scene (it
+    survives a scene close instead of a new node per scene)."""
+    node = scene.GetSingletonNode(EDITOR_SINGLETON_TAG, "vtkMRMLSegmentEditorNode")
+    if node is None:
+        node = scene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+        node.UnRegister(None)  # CreateNodeByClass hands over a reference (Slicer's SegmentEditor.py does the same)
+        node.SetSingletonTag(EDITOR_SINGLETON_TAG)
+        node = scene.AddNode(node)
+    return node
+
+
+def sync_editor(set_segmentation: Any, set_source_volume: Any, segmentation_node: Any, volume_node: Any) -> None:
+    """Point the embedded editor at a segmentation and its source volume, in the order the editor accepts:
+    it ignores a source volume while it has no segmentation (vtkSlicerSegmentEditorLogic::SetSourceVolumeNode),
+    so a segmentation made with "Create new" or elsewhere was left without one."""
+    set_segmentation(segmentation_node)
+    if segmentation_node is not None:
+        set_source_volume(volume_node)
 
 
 def prepare_segment(volume_node: slicer.vtkMRMLVolumeNode, params: SegmentParams,
-                    work_dir: str | os.PathLike[str]) -> Task:
-    """Write the volume (NRRD, exact geometry) and build ``segment`` for a job and for the warm worker."""
+                    work_dir: str | os.PathLike[str],
+                    segmentation_node: slicer.vtkMRMLSegmentationNode | None = None) -> Task:
+    """Write the volume (NRRD, exact geometry) and build ``segment`` for a job and for the warm worker.
+    ``segmentation_node``: the node the result will replace (remembered, like the volume)."""
     work = Path(work_dir)
     source = mrml_io.write_volume(volume_node, work / "input.nrrd")
     output = work / "segmentation.nii.gz"
     request = {"input": str(source), "output": str(output), "model": params.model or DEMO_MODEL_ID,
                "device": params.device, "fast": params.fast}
-    return Task(work, source, output, params.segment_args(str(source), str(output)), request)
+    return Task(work, source, output, params.segment_args(str(source), str(output)), request, volume_node,
+                segmentation_node)
 
 
 def load_segment_result(scene: slicer.vtkMRMLScene, task: Task, volume_node: slicer.vtkMRMLVolumeNode,
                         segmentation_node: slicer.vtkMRMLSegmentationNode | None = None,
                         artifact: dict[str, Any] | None = None) -> slicer.vtkMRMLSegmentationNode:
-    """The job's label map + labels CSV -> segmentation node, remembering model and labels for the cohort."""
+    """The job's label map + labels CSV -> segmentation node, remembering model and labels for the cohort.
+    Raises :class:`StaleResult` when the job's volume or segmentation left the scene meanwhile."""
+    check_target(scene, task)
     if not task.output.is_file():
         raise FileNotFoundError(f"{task.output}: the job reported success but wrote no segmentation")
     csv_path = Path(artifact["labels"]) if artifact and artifact.get("labels") else labels_csv_path(task.output)
@@ -80,12 +132,14 @@ def prepare_classify(volume_node: slicer.vtkMRMLVolumeNode, params: SegmentParam
     source = mrml_io.write_volume(volume_node, work / "input.nrrd")
     output = work / "classification.json"
     request = {"input": str(source), "output": str(output), "model": params.model, "device": params.device}
-    return Task(work, source, output, params.classify_args(str(source), str(output)), request)
+    return Task(work, source, output, params.classify_args(str(source), str(output)), request, volume_node)
 
 
 def load_classify_result(scene: slicer.vtkMRMLScene, task: Task, volume_node: slicer.vtkMRMLVolumeNode,
                          table_node: slicer.vtkMRMLTableNode | None = None) -> slicer.vtkMRMLTableNode:
-    """The job's JSON -> table node (class, probability) with the top class as attributes."""
+    """The job's JSON -> table node (class, probability) with the top class as attributes (StaleResult as
+    for a segmentation)."""
+    check_target(scene, task)
     if not task.output.is_file():
         raise FileNotFoundError(f"{task.output}: the job reported success but wrote no classification")
     return mrml_io.classification_to_table(scene, json.loads(task.output.read_text(encoding="utf-8")), volume_node,
