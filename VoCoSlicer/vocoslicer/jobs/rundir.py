@@ -17,22 +17,19 @@ from vocoslicer.contracts.rundir import (
     ACTIVE_STATUSES,
     CHECKPOINTS,
     EVENTS_JSONL,
-    FINAL_STATUSES,
-    JOB_OPTIONS,
     LOG_TXT,
     RUN_JSON,
     list_runs,
     now_iso,
-    pid_alive,
     pid_start_time,
     read_run,
     strip_job_options,
     tail_lines,
 )
 
-__all__ = ["ACTIVE_STATUSES", "CHECKPOINTS", "EVENTS_JSONL", "FINAL_STATUSES", "JOB_OPTIONS", "LOG_TXT", "RUN_JSON",
-           "RunRecord", "list_runs", "now_iso", "pid_alive", "pid_start_time", "read_run", "strip_job_options",
-           "tail_lines"]
+# the contract's names the engine's modules import from here
+__all__ = ["CHECKPOINTS", "EVENTS_JSONL", "LOG_TXT", "RunRecord", "list_runs", "now_iso", "read_run",
+           "strip_job_options", "tail_lines"]
 
 
 class RunRecord:
