@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vocoslicer import dependencies
+from vocoslicer.contracts import dependencies
 from VoCoSlicerLib import deps
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""One list of engine dependencies (``vocoslicer.dependencies``) and everything that must agree with it:
+"""One list of engine dependencies (``vocoslicer.contracts.dependencies``) and everything that must agree with it:
 the Slicer requirements file (parsed exactly as Slicer's ``load_requirements`` does), pyproject.toml, the packages
 ``vocoslicer env`` probes, the set-up panel's torch floor, and MONAI's own requirements."""
 
@@ -13,8 +13,8 @@ import pytest
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import Version
 
-from vocoslicer import dependencies
 from vocoslicer.commands import env
+from vocoslicer.contracts import dependencies
 from VoCoSlicerLib import deps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,8 +51,8 @@ def test_the_mirror_rejects_inline_comments_like_slicer(tmp_path):
 
 def test_requirements_file_is_the_rendered_list():
     assert REQUIREMENTS.read_text(encoding="utf-8") == dependencies.requirements_txt(), (
-        "regenerate: PYTHONPATH=VoCoSlicer python -c \"from vocoslicer.dependencies import requirements_txt as r; "
-        "print(r(), end='')\" > VoCoSlicer/Resources/requirements.txt")
+        "regenerate: PYTHONPATH=VoCoSlicer python -c \"from vocoslicer.contracts.dependencies import "
+        "requirements_txt as r; print(r(), end='')\" > VoCoSlicer/Resources/requirements.txt")
     # deps.requirement_lines (used by the force-reinstall path) reads the same requirements
     assert deps.requirement_lines(REQUIREMENTS) == dependencies.slicer_requirements()
 

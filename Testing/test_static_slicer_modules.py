@@ -77,14 +77,34 @@ def test_module_file_parses_and_is_thin(name):
     assert len(MODULE_FILES[name].read_text().splitlines()) <= 500
 
 
+def _imported_modules(nodes) -> set[str]:  # noqa: ANN001 - ast nodes
+    out = {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
+    return out | {n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+
+
 def test_vocoslicerlib_never_imports_qt_or_torch_at_module_level():
     for path in sorted((ROOT / "VoCoSlicer" / "VoCoSlicerLib").glob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        top = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
-        top |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module
-                and n.module != "vocoslicer.dependencies"}  # the stdlib-only list of packages and floors
+        top = {m.split(".")[0] for m in _imported_modules(tree.body) if not m.startswith("vocoslicer.contracts")}
         assert not top & {"qt", "ctk", "torch", "monai", "vocoslicer", "PySide6"}, path.name
         assert len(path.read_text().splitlines()) <= 500, path.name
+
+
+def test_vocoslicerlib_imports_only_the_contracts_of_the_engine():
+    """Anywhere in a file, at any depth: the engine's stdlib-only contracts, nothing else of it."""
+    for path in sorted((ROOT / "VoCoSlicer" / "VoCoSlicerLib").glob("*.py")):
+        engine = {m for m in _imported_modules(ast.walk(ast.parse(path.read_text(encoding="utf-8"))))
+                  if m.split(".")[0] == "vocoslicer"}
+        allowed = all(m == "vocoslicer.contracts" or m.startswith("vocoslicer.contracts.") for m in engine)
+        assert allowed, (path.name, sorted(engine))
+
+
+def test_contracts_import_only_the_standard_library_and_each_other():
+    for path in sorted((ROOT / "VoCoSlicer" / "vocoslicer" / "contracts").glob("*.py")):
+        mods = _imported_modules(ast.walk(ast.parse(path.read_text(encoding="utf-8"))))
+        foreign = {m for m in mods if m.split(".")[0] not in sys.stdlib_module_names
+                   and not m.startswith("vocoslicer.contracts.") and m != "__future__"}
+        assert not foreign, (path.name, sorted(foreign))
 
 
 def test_cmake_file_lists_match_the_tree():

@@ -2,10 +2,10 @@
 
 torch comes from the PyTorch extension (it picks the CUDA build for the driver); SimpleITK and numpy are
 Slicer's own and must never be replaced by pip (Slicer/Slicer#6711, #7661). The rest is pinned in
-``Resources/requirements.txt``. The list and every floor come from ``vocoslicer.dependencies``, the one engine
-module this package may import (standard library only, it never loads torch). Installing with a constraints file
-that freezes the protected packages at their installed versions makes pip fail with a clear conflict instead of
-silently swapping Slicer's builds.
+``Resources/requirements.txt``. The list, every floor and the metadata probe come from
+``vocoslicer.contracts.dependencies`` (the engine's contracts are the one part of it this package may import:
+standard library only, never torch). Installing with a constraints file that freezes the protected packages at
+their installed versions makes pip fail with a clear conflict instead of silently swapping Slicer's builds.
 
 torch is probed here through its distribution metadata and ``importlib.util.find_spec`` only: importing torch into
 the Slicer process costs seconds and memory, and a broken install would take Slicer down with it. The full probe
@@ -14,7 +14,6 @@ the Slicer process costs seconds and memory, and a broken install would take Sli
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -25,7 +24,13 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from vocoslicer.dependencies import TORCH_FLOOR, by_name, protected_names
+from vocoslicer.contracts.dependencies import (
+    TORCH_FLOOR,
+    by_name,
+    installed_version,
+    installed_versions,
+    protected_names,
+)
 
 PROTECTED = protected_names()
 MIN_TORCH = TORCH_FLOOR
@@ -56,17 +61,9 @@ def requirement_name(req: str) -> str:
     return req.strip()
 
 
-def installed_version(name: str) -> str | None:
-    """Installed version of a distribution, or None."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def protected_constraints(versions: dict[str, str | None] | None = None) -> str:
     """Constraints-file text pinning the protected packages that are installed to their current versions."""
-    versions = versions if versions is not None else {n: installed_version(n) for n in PROTECTED}
+    versions = versions if versions is not None else installed_versions(PROTECTED)
     return "".join(f"{n}=={v}\n" for n, v in versions.items() if v)
 
 

@@ -2,7 +2,7 @@
 
 Runs inside Slicer's GUI process, so it is stdlib only (no Qt, no torch) and never raises from :meth:`Job.poll`:
 the widget calls ``poll()`` from a ``QTimer`` and gets a list of event dicts (schema in
-``vocoslicer.jobs.events``). Two ways to follow a child:
+``vocoslicer.contracts.events``). Two ways to follow a child:
 
 - with a run directory (the normal case): the child writes ``events.jsonl`` there and the client tails it from
   an offset; the child's stdout/stderr go to ``console.txt``. Such a run can be ``detached`` (own session,

@@ -8,12 +8,12 @@ small engine changes do not break the panel.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from VoCoSlicerLib.params import DEMO_MODEL_ID
+from vocoslicer.contracts.models import DEMO_MODEL_ID, version_key
+from vocoslicer.contracts.paths import models_dir as models_dir  # the folder the model manager opens
 
 COLUMNS = ("Model", "Version", "Task", "Status", "Size", "Licence")
 
@@ -101,17 +101,14 @@ def parse_catalog(text: str | dict | list) -> list[ModelRow]:
     if not isinstance(items, list):
         raise ValueError("model catalog: expected a list of models")
     rows = [_row(d) for d in items if isinstance(d, dict) and d.get("id")]
-    return sorted(rows, key=lambda r: (not r.installed, r.id, _version_key(r.version)))
-
-
-def _version_key(v: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in v.replace("-", ".").split("."))
+    return sorted(rows, key=lambda r: (not r.installed, r.id, version_key(r.version)))
 
 
 def selectable(rows: list[ModelRow], task: str) -> list[ModelRow]:
     """Installed models for a task (segmentation/classification), newest version of each id first."""
     chosen = [r for r in rows if r.installed and r.task == task]
-    return sorted(chosen, key=lambda r: (r.id, tuple(-x if isinstance(x, int) else 0 for x in _version_key(r.version))))
+    chosen.sort(key=lambda r: version_key(r.version), reverse=True)
+    return sorted(chosen, key=lambda r: r.id)  # a stable sort: each id keeps its newest version first
 
 
 def find(rows: list[ModelRow], spec: str) -> ModelRow | None:
@@ -120,7 +117,7 @@ def find(rows: list[ModelRow], spec: str) -> ModelRow | None:
         if spec and spec in (r.path, f"{r.id}@{r.version}"):
             return r
     matches = [r for r in rows if r.id == spec and r.installed]
-    return max(matches, key=lambda r: _version_key(r.version)) if matches else None
+    return max(matches, key=lambda r: version_key(r.version)) if matches else None
 
 
 # the real segmentation models the default prefers, best first (bigger VoComni = more accurate, same labels);
@@ -162,7 +159,7 @@ def selector_entries(rows: list[ModelRow]) -> list[Entry]:
     if best is None:
         offer = [r for r in rows if r.id == RECOMMENDED_DOWNLOAD and not r.installed]
         if offer:
-            r = max(offer, key=lambda r: _version_key(r.version))
+            r = max(offer, key=lambda r: version_key(r.version))
             size = format_size(r.size_bytes)
             out.insert(0, Entry(f"{r.title or r.id} (download{', ' + size if size else ''})",
                                 f"{r.id}@{r.version}" if r.version else r.id, "download", r))
@@ -212,10 +209,6 @@ def download_question(entry: Entry) -> str:
               "is verified. Segmentation starts when it is installed."]
     return "\n".join(lines)
 
-
-def models_dir() -> Path:
-    """Where the engine installs models (``$VOCOSLICER_HOME/models``, default ``~/.vocoslicer/models``)."""
-    return Path(os.environ.get("VOCOSLICER_HOME") or Path.home() / ".vocoslicer").expanduser() / "models"
 
 
 def list_args() -> list[str]:

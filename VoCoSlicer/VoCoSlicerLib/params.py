@@ -12,12 +12,14 @@ import shlex
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from vocoslicer.contracts.models import DEMO_MODEL_ID as DEMO_MODEL_ID  # the engine's bundled model
+from vocoslicer.contracts.torchrun import torchrun_command
+
 DEVICES = ("auto", "cuda", "cpu")
 PRETRAIN_METHODS = ("voco", "tokenizer", "mim")
 # segment, classify and models download report progress/artifacts through their own event option, not through
 # the job's (--run-dir/--events): run them without a run directory and pass it, so the GUI sees their events
 COMMAND_EVENTS = ("--events", "stdout")
-DEMO_MODEL_ID = "vocoslicer-demo-phantom"  # the engine's bundled model (vocoslicer.models.registry.DEMO_MODEL_ID)
 # sizes each method's engine command accepts (VoCo SwinUNETR B/L/H; PUMIT tokenizer presets; PUMIT ViT)
 PRETRAIN_SIZES = {"voco": ("B", "L", "H"), "tokenizer": ("paper", "small", "tiny"), "mim": ("tiny", "S", "B", "L")}
 MODEL_SIZES = ("tiny", "small", "S", "B", "L", "H", "paper")
@@ -175,13 +177,9 @@ class PretrainParams:
         args = self.args()
         i = args.index("--gpus")
         del args[i:i + 2]  # torch.distributed starts the processes itself
-        cmd = [python, "-m", "torch.distributed.run", f"--nproc_per_node={self.gpus}"]
-        if nnodes <= 1:
-            cmd.append("--standalone")
-        else:
-            cmd += [f"--nnodes={nnodes}", "--node_rank=$NODE_RANK", "--master_addr=$MASTER_ADDR",
-                    "--master_port=29500"]
-        return " ".join(a if "=$" in a else shlex.quote(a) for a in [*cmd, "-m", "vocoslicer", *args])
+        cmd = torchrun_command(["vocoslicer", *args], self.gpus, nnodes, node_rank="$NODE_RANK",
+                               master_addr="$MASTER_ADDR", python=python)
+        return " ".join(a if "=$" in a else shlex.quote(a) for a in cmd)
 
 
 def field_names(cls: type) -> list[str]:

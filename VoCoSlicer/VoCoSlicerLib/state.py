@@ -110,7 +110,7 @@ class JobStateMachine:
         self.stage, self.fraction = "", None
 
     def apply_event(self, event: dict[str, Any]) -> None:
-        """Fold one engine event (see vocoslicer/jobs/events.py) into the state; unknown kinds are ignored."""
+        """Fold one engine event (see vocoslicer/contracts/events.py) into the state; unknown kinds are ignored."""
         kind = event.get("kind")
         if kind == "progress":
             total = event.get("total") or 0

@@ -1,30 +1,9 @@
-"""Error types and exit codes shared by every command.
+"""Error types and exit codes of every command (defined in :mod:`vocoslicer.contracts.errors`).
 
-A :class:`UserError` is a problem with the user's input (missing file, bad volume, wrong option): the CLI prints
-its message as one line and exits with :data:`EXIT_USER`, never with a traceback.
+The exit codes are read by the Slicer job client too, so they live with the other cross-process contracts; this
+module keeps the engine's historical import path.
 """
 
-from __future__ import annotations
+from vocoslicer.contracts.errors import EXIT_CANCELLED, EXIT_CRASH, EXIT_OK, EXIT_USER, Cancelled, UserError, VoCoError
 
-EXIT_OK = 0
-EXIT_CRASH = 1  # a bug or an unexpected environment failure: one line on stderr, traceback in the run log
-EXIT_USER = 2  # bad input or options
-EXIT_CANCELLED = 3  # stopped on request (SIGTERM/SIGINT/cancel); a checkpoint was written where applicable
-
-
-class VoCoError(Exception):
-    """Base class of all errors the engine raises on purpose."""
-
-    exit_code = EXIT_CRASH
-
-
-class UserError(VoCoError):
-    """Bad input: reported as one line, exit code 2, nothing written."""
-
-    exit_code = EXIT_USER
-
-
-class Cancelled(VoCoError):
-    """The job was asked to stop; whatever could be saved has been saved."""
-
-    exit_code = EXIT_CANCELLED
+__all__ = ["EXIT_CANCELLED", "EXIT_CRASH", "EXIT_OK", "EXIT_USER", "Cancelled", "UserError", "VoCoError"]

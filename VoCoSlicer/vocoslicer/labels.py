@@ -8,44 +8,23 @@ is easy to edit by hand and maps onto a Slicer colour table with terminology.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vocoslicer.contracts.labels import (
+    CSV_COLUMNS,
+    Label,
+    labels_to_csv,
+    parse_label_rows,
+    read_labels_text,
+    write_labels_csv,
+)
 from vocoslicer.errors import UserError
-from vocoslicer.io.atomic import atomic_write_text
 
-CSV_COLUMNS = ("value", "name", "r", "g", "b", "category_code", "category_meaning", "type_code", "type_meaning")
-
-
-@dataclass(frozen=True)
-class Label:
-    """One structure of a label map. ``value`` 0 is background and is not listed in tables."""
-
-    value: int
-    name: str
-    rgb: tuple[int, int, int] = (128, 128, 128)
-    category_code: str = ""  # e.g. "SCT^123037004" (Anatomical Structure)
-    category_meaning: str = ""
-    type_code: str = ""  # e.g. "SCT^10200004" (Liver)
-    type_meaning: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form used in model.json."""
-        d = asdict(self)
-        d["rgb"] = list(self.rgb)
-        return {k: v for k, v in d.items() if v not in ("", None)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Label:
-        """Inverse of :meth:`to_dict`."""
-        rgb = tuple(int(c) for c in d.get("rgb", (128, 128, 128)))
-        return cls(int(d["value"]), str(d["name"]), rgb,  # type: ignore[arg-type]
-                   *(str(d.get(k, "")) for k in ("category_code", "category_meaning", "type_code", "type_meaning")))
+__all__ = ["CSV_COLUMNS", "Label", "LabelTable"]
 
 
 @dataclass(frozen=True)
@@ -112,41 +91,18 @@ class LabelTable:
 
     def to_csv(self) -> str:
         """CSV text (header + one row per label)."""
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(CSV_COLUMNS)
-        for lb in self.labels:
-            w.writerow([lb.value, lb.name, *lb.rgb, lb.category_code, lb.category_meaning, lb.type_code,
-                        lb.type_meaning])
-        return buf.getvalue()
+        return labels_to_csv(self.labels)
 
     def write_csv(self, path: str | os.PathLike[str]) -> Path:
         """Write the CSV atomically."""
-        return atomic_write_text(path, self.to_csv())
+        return write_labels_csv(self.labels, path)
 
     @classmethod
     def from_csv_text(cls, text: str, source: str = "labels CSV") -> LabelTable:
         """Parse CSV text; only ``value`` and ``name`` columns are required."""
-        rows = list(csv.DictReader(io.StringIO(text)))
-        if rows and not {"value", "name"} <= set(rows[0]):
-            raise UserError(f"{source}: needs at least the columns value,name")
-        labels = []
-        for i, row in enumerate(rows, start=2):
-            try:
-                value = int(row["value"])
-                rgb = tuple(int(row.get(c) or 128) for c in ("r", "g", "b"))
-            except (TypeError, ValueError):
-                raise UserError(f"{source}: line {i}: value and r,g,b must be integers") from None
-            if value == 0:
-                continue
-            labels.append(Label(value, row["name"].strip(), rgb,  # type: ignore[arg-type]
-                                *((row.get(k) or "").strip() for k in CSV_COLUMNS[5:])))
-        return cls(tuple(labels))
+        return cls(tuple(parse_label_rows(text, source)))
 
     @classmethod
     def read_csv(cls, path: str | os.PathLike[str]) -> LabelTable:
         """Read a labels CSV file."""
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"{p}: no such labels file")
-        return cls.from_csv_text(p.read_text(encoding="utf-8"), str(p))
+        return cls.from_csv_text(*read_labels_text(path))

@@ -62,7 +62,7 @@ def relaunch_with_torchrun(args: argparse.Namespace) -> int | None:
     """With ``--gpus N > 1`` outside torchrun: run the same command under torchrun and return its exit code."""
     if args.gpus <= 1 or "WORLD_SIZE" in os.environ:
         return None
-    from vocoslicer.train.distributed import torchrun_command
+    from vocoslicer.contracts.torchrun import torchrun_command
 
     argv, skip = [], False
     for a in sys.argv[1:]:

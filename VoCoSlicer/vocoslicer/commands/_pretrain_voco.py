@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         from vocoslicer.data.sources import print_inputs
 
         return print_inputs(args.data)
-    from vocoslicer.train.distributed import torchrun_command
+    from vocoslicer.contracts.torchrun import torchrun_command
 
     under_torchrun = "WORLD_SIZE" in os.environ
     if args.print_torchrun or ((args.gpus > 1 or args.nnodes > 1) and not under_torchrun):

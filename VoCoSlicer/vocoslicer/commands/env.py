@@ -7,7 +7,6 @@ the most common support problem: a CPU-only torch next to a working GPU, or a dr
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import platform
 import shutil
@@ -16,17 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vocoslicer.dependencies import probed_names
+from vocoslicer.contracts.dependencies import installed_version, installed_versions, probed_names
 
 # every engine dependency but torch (reported on its own rows); the set-up panel checks them against their floors
 PACKAGES = probed_names()
-
-
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def driver_version() -> str | None:
@@ -51,11 +43,11 @@ def probe() -> dict[str, Any]:
     """The environment report (JSON-safe)."""
     report: dict[str, Any] = {"python": f"{platform.python_version()} ({sys.executable})", "torch": None,
                               "torch_cuda": None, "cuda_available": False, "driver": driver_version(), "gpus": [],
-                              "packages": {n: _version(n) for n in PACKAGES}, "problems": []}
+                              "packages": installed_versions(PACKAGES), "problems": []}
     try:
         import torch
     except Exception as exc:  # noqa: BLE001 - a broken torch install is exactly what this probe must report
-        if _version("torch"):
+        if installed_version("torch"):
             report["problems"].append(f"torch is installed but does not import: {type(exc).__name__}: {exc}")
         return report
     report["torch"] = torch.__version__

@@ -15,6 +15,7 @@ from typing import Any
 import SimpleITK as sitk
 import torch
 
+from vocoslicer.contracts.labels import labels_csv_path
 from vocoslicer.errors import Cancelled, UserError
 from vocoslicer.infer.preprocess import prepare
 from vocoslicer.jobs.events import NULL_SINK, EventSink
@@ -67,16 +68,6 @@ def segment_image(img: sitk.Image, bundle: ModelBundle, model: torch.nn.Module |
         label = keep_largest_component_image(label)
     events.progress(4, 4, stage="done")
     return label
-
-
-def labels_csv_path(output: str | Path) -> Path:
-    """``seg.nii.gz`` → ``seg.labels.csv``: where the label table of a segmentation file goes."""
-    p = Path(output)
-    name = p.name
-    for ext in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha"):
-        if name.lower().endswith(ext):
-            return p.with_name(name[: -len(ext)] + ".labels.csv")
-    return p.with_name(p.name + ".labels.csv")
 
 
 def run_segment(input_path: str, output: str, model_spec: str | None = None, device: str = "auto",

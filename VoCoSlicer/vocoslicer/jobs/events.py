@@ -1,52 +1,19 @@
-"""Job events: one JSON object per line, on stdout and/or in ``events.jsonl`` of a run directory.
+"""The engine's writer of job events (the schema is :mod:`vocoslicer.contracts.events`).
 
-This is the only channel between a child process and the Slicer GUI (or any other client), so the schema is
-small and stable. Every event has ``t`` (unix time, float) and ``kind``:
-
-- ``progress``: ``step``, ``total``, optional ``stage`` (text), ``eta_s``
-- ``metric``: ``step`` and any numeric fields (``loss``, ``dice``, ``lr``, ...), optional ``split`` (train/val)
-- ``log``: ``level`` (info/warning), ``message``
-- ``warning``: ``message``
-- ``artifact``: ``path``, ``type`` (segmentation, model, checkpoint, table, ...), optional metadata
-- ``error``: ``message`` (one line, user-facing), optional ``code`` (exit code)
-- ``status``: ``status`` (queued/running), optional ``message``, ``pid``, ``waiting_for`` (who holds the GPU)
-- ``done``: ``status`` (ok/cancelled/failed), optional ``exit_code``
-
-A run ends with at most one ``error`` (on failure or cancel) followed by exactly one ``done``, unless the
-process was killed outright; clients treat a process that exits without ``done`` as ``dead``.
+An :class:`EventSink` writes each event as one JSON line to a child's stdout and/or ``events.jsonl`` of its run
+directory; it never raises on a closed stream, because a vanished GUI must not kill a training run.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import IO, Any
 
-EVENT_KINDS = ("progress", "metric", "log", "warning", "artifact", "error", "status", "done")
+from vocoslicer.contracts.events import EVENT_KINDS, event_line, make_event
 
-
-def _clean(value: Any) -> Any:
-    # events must always be valid JSON: NaN/inf become null, paths become strings, numpy/torch scalars floats
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if hasattr(value, "item"):
-        try:
-            return _clean(value.item())
-        except (ValueError, RuntimeError):
-            pass
-    return str(value)
+__all__ = ["EVENT_KINDS", "NULL_SINK", "EventSink"]
 
 
 class EventSink:
@@ -75,10 +42,8 @@ class EventSink:
 
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Write one event and return it."""
-        if kind not in EVENT_KINDS:
-            raise ValueError(f"unknown event kind {kind!r}")
-        event = {"t": round(time.time(), 3), "kind": kind, **_clean(fields)}
-        line = json.dumps(event, separators=(",", ":"))
+        event = make_event(kind, **fields)
+        line = event_line(event)
         with self._lock:
             for s in self._streams:
                 try:

@@ -12,21 +12,16 @@ import re
 import shutil
 from pathlib import Path
 
+from vocoslicer.contracts.models import DEMO_MODEL_ID
+from vocoslicer.contracts.models import version_key as _version_key
 from vocoslicer.errors import UserError
 from vocoslicer.models.bundle import ModelBundle
 from vocoslicer.paths import models_dir, resources_dir
-
-DEMO_MODEL_ID = "vocoslicer-demo-phantom"
 
 
 def demo_bundle_path() -> Path:
     """The demo model bundled with the package (trained on phantoms by ``scripts/train_demo_model.sh``)."""
     return resources_dir() / "demo_model"
-
-
-def _version_key(v: str) -> tuple:
-    parts = re.split(r"[.+-]", v)
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
 
 
 def installed() -> list[ModelBundle]:

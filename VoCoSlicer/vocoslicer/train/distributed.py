@@ -9,7 +9,6 @@ collectives the loop needs.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,20 +127,3 @@ def barrier(ctx: DistContext) -> None:
     """Wait for every rank."""
     if ctx.distributed:
         dist.barrier()
-
-
-def torchrun_command(module_args: list[str], nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
-                     master_addr: str = "127.0.0.1", master_port: int = 29500,
-                     python: str | None = None) -> list[str]:
-    """The ``python -m torch.distributed.run`` command line that runs ``python -m <module_args>`` on every rank.
-
-    Single node uses the standalone rendezvous (free port, no address needed); several nodes use a static
-    master address/port that every node must be given with its own ``--node_rank``.
-    """
-    cmd = [python or sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={int(nproc_per_node)}"]
-    if nnodes <= 1:
-        cmd.append("--standalone")
-    else:
-        cmd += [f"--nnodes={int(nnodes)}", f"--node_rank={int(node_rank)}", f"--master_addr={master_addr}",
-                f"--master_port={int(master_port)}"]
-    return cmd + ["-m", *module_args]

@@ -7,11 +7,14 @@ and nibabel missing in Slicer so the NaN guard was silently off there. ``Testing
 fails as soon as any of the three disagrees with this module.
 
 Standard library only, and it imports nothing from the engine: ``VoCoSlicerLib`` imports it inside the Slicer
-process, which must never load torch.
+process, which must never load torch. The version probe (:func:`installed_version`) reads distribution metadata
+only, for the same reason: both ``vocoslicer env`` and the set-up panel use it.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 # MONAI 1.6.1 (the Slicer pin below) declares ``torch>=2.8.0``; an older torch passes pip's check of our own
@@ -91,7 +94,7 @@ def requirements_txt() -> str:
     ``load_requirements`` hands each non-comment line whole to ``packaging.requirements.Requirement``."""
     lines = ["# Python packages the VoCoSlicer engine needs inside Slicer's Python, installed with",
              "# slicer.packaging.pip_ensure from the VoCoSlicer module (\"Install / repair dependencies\").",
-             "# Written by requirements_txt() in VoCoSlicer/vocoslicer/dependencies.py;",
+             "# Written by requirements_txt() in VoCoSlicer/vocoslicer/contracts/dependencies.py;",
              "# Testing/test_deps_requirements.py fails when this file and that list disagree.",
              "# Comments stay on lines of their own: Slicer parses every other line as one requirement.",
              "# NOT listed on purpose (pip runs with a constraints file freezing them at their installed versions):"]
@@ -100,3 +103,16 @@ def requirements_txt() -> str:
         if d.slicer_pin:
             lines += [f"# {d.why}", f"{d.name}=={d.slicer_pin}"]
     return "\n".join(lines) + "\n"
+
+
+def installed_version(name: str) -> str | None:
+    """Installed version of a distribution (from its metadata, without importing it), or None."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def installed_versions(names: Iterable[str]) -> dict[str, str | None]:
+    """:func:`installed_version` of each name, in the given order."""
+    return {n: installed_version(n) for n in names}
