@@ -15,7 +15,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from vocoslicer import __version__
+from vocoslicer import __version__, config
 from vocoslicer.errors import EXIT_CRASH, EXIT_USER, Cancelled, VoCoError
 
 log = logging.getLogger("vocoslicer")
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command and return its exit code (never raises for expected errors)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = config.parse_args(parser, argv)  # --config FILE / --print-config of the commands that take them
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vocoslicer import config
 from vocoslicer.commands._jobsetup import job_setup
 from vocoslicer.errors import UserError
 
@@ -44,6 +45,7 @@ def add_common(p: argparse.ArgumentParser, steps: int, batch: int, lr: float, cr
     p.add_argument("--gpus", type=int, default=1, help="GPUs on this machine; > 1 relaunches under torchrun")
     p.add_argument("--list-inputs", action="store_true",
                    help="print the images this run would train on (label maps skipped), one per line, and exit")
+    config.add_config_option(p)
 
 
 def parse_crop(text: str, stride: int) -> tuple[int, int]:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vocoslicer import config
 from vocoslicer.errors import UserError
 
 
@@ -72,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--node-rank", type=int, default=0)
     p.add_argument("--master-addr", default="127.0.0.1")
     p.add_argument("--master-port", type=int, default=29500)
+    config.add_config_option(p)
     p.set_defaults(func=run)
 
 

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from vocoslicer import config
 from vocoslicer.errors import UserError
 
 
@@ -82,6 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                            "spacing, intensity window (default: VoCo CT, 1.5 mm, -175..250 HU)")
     p.add_argument("--no-install", action="store_true", help="keep the bundle in the run folder only")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    config.add_config_option(p)
     p.set_defaults(func=run)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vocoslicer import config
 from vocoslicer.errors import UserError
 
 
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep only the largest connected component of each label (removes stray islands)")
     p.add_argument("--truth", default=None, help="ground-truth label map: print per-label Dice after segmenting")
     add_events_flag(p)
+    config.add_config_option(p)
     p.set_defaults(func=run)
 
 

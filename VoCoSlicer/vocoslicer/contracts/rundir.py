@@ -5,7 +5,8 @@ runs``) never sees half a file. Its fields:
 
 - ``schema`` (1), ``id`` (folder name), ``command`` (e.g. ``segment`` or ``pretrain voco``), ``argv`` (the
   arguments after ``python -m vocoslicer``), ``args`` (the same without the job options ``--run-dir`` and
-  ``--events``: what a client relaunches with ``--resume``), ``config`` (parsed options), ``python``,
+  ``--events``: what a client relaunches with ``--resume``), ``config`` (every parsed option;
+  with ``--config FILE`` also ``config`` = the file's absolute path and ``config_sha256``), ``python``,
   ``version``, ``cuda_visible_devices`` (as the run saw it, so a resume lands on the same GPUs)
 - ``status``: ``queued`` (waiting for a GPU) | ``running`` | ``ok`` | ``failed`` | ``cancelled``
 - ``pid``, ``pid_start`` (kernel start time of the pid on Linux, to tell a reused pid apart), ``host``
