@@ -193,3 +193,12 @@ device: cpu
     assert resolved["config"] == str(cfg.resolve())
     assert resolved["config_sha256"] == hashlib.sha256(cfg.read_bytes()).hexdigest()
     assert "print_config" not in resolved and "_config_parser" not in resolved
+
+
+def test_yaml_without_pyyaml_is_one_line_and_json_still_works(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "yaml", None)  # what a Python without PyYAML gives: ImportError on import
+    with pytest.raises(SystemExit) as exc:
+        parse("pretrain", "voco", "--config", str(write(tmp_path / "c.yaml", "steps: 5\n")))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "PyYAML" in err
+    assert parse("pretrain", "voco", "--config", str(write(tmp_path / "c.json", '{"steps": 5}'))).steps == 5

@@ -84,13 +84,22 @@ def resolved(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, 
 
 def dump(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     """The resolved options as a YAML document that ``--config`` reads back to the same values."""
-    import yaml
-
+    yaml = _yaml(p)
     head = f"# {p.prog}: resolved options (use with --config FILE; command-line flags override them)\n"
     return head + yaml.safe_dump(resolved(p, args), sort_keys=False, default_flow_style=None)
 
 
 # ---------------------------------------------------------------------------------------------- internals
+def _yaml(p: argparse.ArgumentParser) -> Any:
+    """PyYAML, imported only when a YAML file is read or printed (a JSON config works without it)."""
+    try:
+        import yaml
+    except ImportError:
+        p.error("--config: YAML needs the PyYAML package (vocoslicer env lists what is missing); "
+                "a .json config file works without it")
+    return yaml
+
+
 def _opted_in(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     """Every parser under ``parser`` (sub-commands, recursively) that called :func:`add_config_option`."""
     found, todo, seen = [], [parser], set()
@@ -144,9 +153,7 @@ def _read(p: argparse.ArgumentParser, name: str) -> tuple[Path, Any, str]:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _yaml(p).safe_load(text)
     except UnicodeDecodeError:
         p.error(f"--config {name}: not a UTF-8 text file")
     except json.JSONDecodeError as exc:
