@@ -62,3 +62,16 @@ def write_ct_series(img: sitk.Image, folder: Path, series_uid: str = "1.2.826.0.
         ds.SeriesNumber = series_number
         ds.save_as(f)
     return [str(f) for f in files]
+
+
+def rank_main(rank: int, world: int, port: int, home: str, argv: list[str], codes) -> None:  # noqa: ANN001
+    """One torchrun-like rank (what torchrun's environment looks like) running ``vocoslicer`` in-process."""
+    import os
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "VOCOSLICER_HOME": home,
+                       "OMP_NUM_THREADS": "1"})
+    register_tiny()
+    from vocoslicer.cli import main
+
+    codes.put((rank, main(argv)))
