@@ -77,6 +77,9 @@ def test_rerun_after_a_kill_skips_finished_cases(tmp_path, bundle, capsys):
     assert prog[-1]["done"] == 3 and prog[-1]["remaining"] == 0 and prog[-1]["total"] == 3
     arts = [e for e in events if e["kind"] == "artifact"]
     assert [a["case"] for a in arts] == ["c2"]  # only the unfinished case ran
+    assert main(["segment", *ins, "-o", str(out), "--model", bundle, "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out  # a finished batch: nothing to do, exit 0
+    assert "segmented 0 of 3 cases" in printed and "3 already done" in printed
 
 
 def test_dicom_tree_with_two_series_gives_one_output_per_series(tmp_path, bundle):

@@ -56,7 +56,7 @@ def test_nifti_input_is_refused_without_a_dicom_source(tmp_path, capsys):
     bundle = save_tiny_bundle(tmp_path / "bundle")
     nii = write_image(box_volume(1), tmp_path / "ct.nii.gz")
     code = main(["segment", str(nii), "-o", str(tmp_path / "seg.dcm"), "--model", str(bundle), "--device", "cpu"])
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.strip()  # refused before any model is loaded
     assert code == 2 and "--dicom-source" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "seg.dcm").exists()
 
@@ -80,3 +80,18 @@ def test_dicom_source_on_another_grid_is_refused(tmp_path, capsys):
                  "--model", str(bundle), "--device", "cpu"])
     assert code == 2 and "grid" in capsys.readouterr().err
     assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_highdicom_advice_stays_out_of_the_terminal(tmp_path):
+    import warnings
+
+    bundle = save_tiny_bundle(tmp_path / "bundle")
+    folder, files = _series(tmp_path)
+    for f in files:  # a one-component patient name: highdicom warns about it
+        ds = pydicom.dcmread(f)
+        ds.PatientName = "P001"
+        ds.save_as(f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning escaping write_dicom_seg would fail the command
+        assert main(["segment", str(folder), "-o", str(tmp_path / "seg.dcm"), "--model", str(bundle),
+                     "--device", "cpu"]) == 0

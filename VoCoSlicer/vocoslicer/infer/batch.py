@@ -11,6 +11,7 @@ reports progress over all ranks by reading the status file, and the summary gath
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -257,11 +258,12 @@ def _run_rank(cases: list[Case], bad: list[BadInput], out: Path | None, opts: Ba
                f"takes {len(todo)}; model {bundle.describe()} on {dev}")
     failed: list[dict[str, Any]] = []
     done = 0
-    with job.gpu_lock(dev):
-        runner = CaseRunner(bundle, dev, opts)
+    with job.gpu_lock(dev) if todo else contextlib.nullcontext():
+        runner = CaseRunner(bundle, dev, opts) if todo else None  # a finished batch loads no model
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
-            nxt: Future | None = pool.submit(runner.load, todo[0]) if todo else None
+            nxt: Future | None = pool.submit(runner.load, todo[0]) if runner is not None else None
             for i, case in enumerate(todo):
+                assert runner is not None
                 current, nxt = nxt, (pool.submit(runner.load, todo[i + 1]) if i + 1 < len(todo) else None)
                 c0 = time.perf_counter()
                 try:

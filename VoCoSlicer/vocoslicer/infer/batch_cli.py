@@ -77,8 +77,11 @@ def run_batch_command(args: argparse.Namespace) -> int:
         if not args.output:
             raise UserError("batch mode needs -o OUT_DIR (a folder)")
         cases, bad = expand_inputs([args.input, *args.more_inputs])
-    if not cases and not bad:
-        raise UserError(f"nothing to segment{' (every case is labelled)' if args.unlabelled else ''}")
+    if not cases:
+        why = "; ".join(f"{b.source}: {b.error}" for b in bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3
+                                                                         else "")
+        raise UserError(f"nothing to segment{' (every case is labelled)' if args.unlabelled else ''}"
+                        + (f": {why}" if why else ""))
     fmt = args.out_format or "nifti"
     out_dir = None if (args.cohort and args.unlabelled and not args.output) else args.output
     summary = run_batch(cases, bad, out_dir, _options(args, fmt))

@@ -9,7 +9,9 @@ version and the weights' sha256) so a reader can tell which model produced it.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from vocoslicer.labels import Label, LabelTable
 _FALLBACK_CATEGORY = ("85756007", "SCT", "Tissue")
 _FALLBACK_TYPE = ("85756007", "SCT", "Tissue")
 SEG_EXTENSIONS = (".dcm",)
+log = logging.getLogger("vocoslicer.dicom_seg")
 
 
 def is_dicom_seg_path(path: str | os.PathLike[str]) -> bool:
@@ -124,14 +127,19 @@ def write_dicom_seg(label: sitk.Image, out: str | os.PathLike[str], table: Label
                                               version=model_version[:64], source="VoCoSlicer", parameters=params)
     descriptions = _segment_descriptions(table, values, algo)
     try:
-        seg = hd.seg.Segmentation(
-            source_images=datasets, pixel_array=segment_numbers.astype(np.uint8 if len(values) < 256 else np.uint16),
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
-            series_instance_uid=hd.UID(), series_number=9900, sop_instance_uid=hd.UID(), instance_number=1,
-            manufacturer="VoCoSlicer", manufacturer_model_name=model_id[:64], software_versions=__version__,
-            device_serial_number=(model_sha256 or "none")[:16], series_description=f"{model_id} segmentation"[:64],
-            content_label="VOCOSEG", content_description=f"{model_id} v{model_version}"[:64],
-            omit_empty_frames=False)
+        with warnings.catch_warnings(record=True) as caught:  # highdicom's advice goes to the log, not the terminal
+            warnings.simplefilter("always")
+            seg = hd.seg.Segmentation(
+                source_images=datasets,
+                pixel_array=segment_numbers.astype(np.uint8 if len(values) < 256 else np.uint16),
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+                series_instance_uid=hd.UID(), series_number=9900, sop_instance_uid=hd.UID(), instance_number=1,
+                manufacturer="VoCoSlicer", manufacturer_model_name=model_id[:64], software_versions=__version__,
+                device_serial_number=(model_sha256 or "none")[:16],
+                series_description=f"{model_id} segmentation"[:64], content_label="VOCOSEG",
+                content_description=f"{model_id} v{model_version}"[:64], omit_empty_frames=False)
+        for w in caught:
+            log.info("highdicom: %s", str(w.message).splitlines()[0])
     except (ValueError, TypeError, AttributeError) as exc:
         raise UserError(f"cannot build a DICOM SEG from this series: {str(exc).splitlines()[0][:200]}") from None
     p = Path(out)
