@@ -143,3 +143,11 @@ def test_batch_without_output_folder_is_a_one_line_error(tmp_path, bundle, capsy
     assert main(["segment", str(a), str(a), "--model", bundle]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "-o OUT_DIR" in err
+
+
+def test_folder_of_volumes_prints_no_itk_warning(tmp_path, bundle, capfd):
+    write_image(box_volume(0), tmp_path / "vols" / "a.nii.gz")
+    assert main(["segment", str(tmp_path / "vols"), "-o", str(tmp_path / "out"), "--model", bundle,
+                 "--device", "cpu"]) == 0
+    err = capfd.readouterr().err  # ITK writes to the C-level stderr
+    assert "No Series were found" not in err and "WARNING: In" not in err

@@ -77,8 +77,15 @@ def dicom_case_name(first_file: str, uid: str) -> str:
 
 
 def _dicom_cases(folder: Path) -> list[Case]:
+    # looking for DICOM in a folder of NIfTI files is normal here: ITK's "No Series were found" is not for the user
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        found = list_dicom_series(folder)
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     return [Case(id=dicom_case_name(s.files[0], s.uid), source=str(folder), files=tuple(s.files), series_uid=s.uid)
-            for s in sorted(list_dicom_series(folder), key=lambda s: s.uid)]
+            for s in sorted(found, key=lambda s: s.uid)]
 
 
 def _is_volume(path: Path) -> bool:
