@@ -43,7 +43,7 @@ def test_progress_and_summary_from_a_real_batch(tmp_path, monkeypatch, capsys):
     assert main(["--events", "stdout", *args]) == 2
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     texts = [t for t in map(progress_text, events) if t]
-    assert texts[-1] == "3/3 cases · 1 failed"
+    assert texts[-1] == "3/3 cases, 1 failed"
     assert texts[0].startswith("1/3 cases") and "ETA" in texts[0]
     status = read_status(tmp_path / "out")
     assert sorted(status.done) == ["a", "b"] and status.failed[0][0] == "broken"

@@ -1,4 +1,4 @@
-"""The "Segment a folder…" job as the panel drives it: engine command line, progress text, end-of-batch summary.
+"""The "Segment a folder..." job as the panel drives it: engine command line, progress text, end-of-batch summary.
 
 Qt-free and stdlib-only so it is tested without Slicer. The widget starts the list returned by
 :func:`segment_folder_args` (or :func:`cohort_proposals_args`) with ``JobDriver.start([...], run_dir=...)``, shows
@@ -72,7 +72,7 @@ def _duration(seconds: float) -> str:
 
 
 def progress_text(event: Mapping[str, Any]) -> str:
-    """``12/40 cases · 1 failed · ETA 3 min`` from a batch ``progress`` event (empty for other events)."""
+    """``12/40 cases, 1 failed, ETA 3 min`` from a batch ``progress`` event (empty for other events)."""
     if event.get("kind") != "progress" or "remaining" not in event:
         return ""
     total = int(event.get("total") or 0)
@@ -83,7 +83,7 @@ def progress_text(event: Mapping[str, Any]) -> str:
     eta = event.get("eta_s")
     if isinstance(eta, (int, float)) and event.get("remaining"):
         parts.append(f"ETA {_duration(float(eta))}")
-    return " · ".join(parts)
+    return ", ".join(parts)
 
 
 @dataclass
