@@ -64,7 +64,7 @@ def write_ct_series(img: sitk.Image, folder: Path, series_uid: str = "1.2.826.0.
     return [str(f) for f in files]
 
 
-def rank_main(rank: int, world: int, port: int, home: str, argv: list[str], codes) -> None:  # noqa: ANN001
+def rank_main(rank: int, world: int, port: int, home: str, argv: list[str], codes: object) -> None:
     """One torchrun-like rank (what torchrun's environment looks like) running ``vocoslicer`` in-process."""
     import os
 
@@ -74,4 +74,4 @@ def rank_main(rank: int, world: int, port: int, home: str, argv: list[str], code
     register_tiny()
     from vocoslicer.cli import main
 
-    codes.put((rank, main(argv)))
+    codes.put((rank, main(argv)))  # type: ignore[attr-defined]

@@ -8,11 +8,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vocoslicer.errors import UserError
 from vocoslicer.infer.batch_inputs import LIST_EXTENSIONS, OUTPUT_EXTENSIONS, Case
+
+if TYPE_CHECKING:
+    from vocoslicer.infer.batch import BatchOptions
 
 _FILE_OUTPUTS = (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm")
 
@@ -48,7 +53,7 @@ def wants_dicom_seg(args: argparse.Namespace) -> bool:
     return args.out_format == "dicom-seg" or str(args.output or "").lower().endswith(".dcm")
 
 
-def _options(args: argparse.Namespace, fmt: str):  # noqa: ANN202 - BatchOptions, imported lazily
+def _options(args: argparse.Namespace, fmt: str) -> BatchOptions:
     from vocoslicer.infer.batch import BatchOptions
 
     return BatchOptions(model=args.model, device=args.device, fmt=fmt, fast=args.fast, overlap=args.overlap,
@@ -85,8 +90,6 @@ def run_batch_command(args: argparse.Namespace) -> int:
     fmt = args.out_format or "nifti"
     out_dir = None if (args.cohort and args.unlabelled and not args.output) else args.output
     summary = run_batch(cases, bad, out_dir, _options(args, fmt))
-    import os
-
     if int(os.environ.get("RANK", "0") or 0) == 0:
         out = sys.stderr if args.events == "stdout" else sys.stdout
         print(format_summary(summary, out_dir or str(args.cohort)), file=out)

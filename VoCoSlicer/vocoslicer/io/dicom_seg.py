@@ -21,7 +21,7 @@ import SimpleITK as sitk
 
 from vocoslicer.errors import UserError
 from vocoslicer.io.atomic import atomic_path
-from vocoslicer.io.volume import list_dicom_series, read_image, same_grid
+from vocoslicer.io.volume import list_dicom_series, same_grid, validate_image
 from vocoslicer.labels import Label, LabelTable
 
 # used when a label has no type code of its own: SNOMED CT "Tissue", a valid and honest catch-all
@@ -39,10 +39,9 @@ def is_dicom_seg_path(path: str | os.PathLike[str]) -> bool:
 def _code(code: str, meaning: str, fallback: tuple[str, str, str]) -> Any:
     from highdicom.sr import CodedConcept
 
-    if code and "^" in code:
-        scheme, _, value = code.partition("^")
-        if scheme == "SCT" or scheme.startswith(("SRT", "DCM")):
-            return CodedConcept(value=value, scheme_designator=scheme, meaning=meaning or value)
+    scheme, _, value = (code or "").partition("^")
+    if scheme and value:  # "SCT^10200004" as in the label tables
+        return CodedConcept(value=value, scheme_designator=scheme, meaning=meaning or value)
     return CodedConcept(value=fallback[0], scheme_designator=fallback[1], meaning=fallback[2])
 
 
@@ -75,6 +74,17 @@ def dicom_series_files(source: str | os.PathLike[str], series_uid: str | None = 
     return list(series[0].files)
 
 
+def _read_series(files: Sequence[str]) -> sitk.Image:
+    """The volume of exactly these files (a sibling series in the same folder must not interfere)."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(list(files))
+    try:
+        return validate_image(reader.Execute(), str(Path(files[0]).parent))
+    except RuntimeError as exc:
+        raise UserError(f"{Path(files[0]).parent}: cannot read the source DICOM series "
+                        f"({str(exc).strip().splitlines()[-1][:160]})") from None
+
+
 def _segment_descriptions(table: LabelTable, values: Sequence[int], algo: Any) -> list[Any]:
     from highdicom.seg import SegmentAlgorithmTypeValues, SegmentDescription
 
@@ -104,7 +114,7 @@ def write_dicom_seg(label: sitk.Image, out: str | os.PathLike[str], table: Label
 
     from vocoslicer import __version__
 
-    ref = source_image if source_image is not None else read_image(Path(source_files[0]).parent)
+    ref = source_image if source_image is not None else _read_series(source_files)
     if not same_grid(label, ref, tol=1e-3):
         raise UserError("the label map is not on the grid of the source DICOM series; a DICOM SEG must match it")
     try:
