@@ -151,3 +151,38 @@ def test_folder_of_volumes_prints_no_itk_warning(tmp_path, bundle, capfd):
                  "--device", "cpu"]) == 0
     err = capfd.readouterr().err  # ITK writes to the C-level stderr
     assert "No Series were found" not in err and "WARNING: In" not in err
+
+
+def test_real_kill_mid_batch_then_resume(tmp_path, bundle):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    ins = [str(write_image(box_volume(i, shape_zyx=(24, 40, 40)), tmp_path / "in" / f"k{i:02d}.nii.gz"))
+           for i in range(12)]
+    out = tmp_path / "out"
+    argv = ["segment", *ins, "-o", str(out), "--model", bundle, "--device", "cpu"]
+    here = Path(__file__).parent
+    code = (f"import sys; sys.path[:0] = [{str(here)!r}]; from helpers_batch import register_tiny; register_tiny(); "
+            f"from vocoslicer.cli import main; sys.exit(main({argv!r}))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    status = out / STATUS_FILE
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if status.is_file() and len(status.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: what a crash or an OOM kill does
+    proc.wait(30)
+    done_before = {r["case"] for r in _status(out) if r["status"] == "done"}
+    assert 2 <= len(done_before) < 12, "the kill should land mid-batch"
+    mtimes = {c: (out / f"{c}.nii.gz").stat().st_mtime_ns for c in done_before}
+    assert main(argv) == 0
+    assert {c: (out / f"{c}.nii.gz").stat().st_mtime_ns for c in done_before} == mtimes  # not redone
+    recs = _status(out)
+    assert {r["case"] for r in recs if r["status"] == "done"} == {f"k{i:02d}" for i in range(12)}
+    assert sum(1 for r in recs if r["status"] == "done") == 12  # every case segmented exactly once overall

@@ -95,3 +95,14 @@ def test_highdicom_advice_stays_out_of_the_terminal(tmp_path):
         warnings.simplefilter("error")  # a warning escaping write_dicom_seg would fail the command
         assert main(["segment", str(folder), "-o", str(tmp_path / "seg.dcm"), "--model", str(bundle),
                      "--device", "cpu"]) == 0
+
+
+def test_batch_dicom_seg_refuses_non_dicom_inputs_up_front(tmp_path, capsys):
+    bundle = save_tiny_bundle(tmp_path / "bundle")
+    folder, _ = _series(tmp_path)
+    nii = write_image(box_volume(1), tmp_path / "ct.nii.gz")
+    code = main(["segment", str(folder), str(nii), "-o", str(tmp_path / "out"), "--format", "dicom-seg",
+                 "--model", str(bundle)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "ct.nii.gz" in err and "--dicom-source" in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
