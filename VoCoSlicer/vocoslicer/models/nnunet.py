@@ -86,6 +86,37 @@ def nnunet_class() -> type:
                 total = torch.tensor([[int(s) for s in st] for st in strides]).prod(0)
                 self.divisor = tuple(int(d) for d in total)  # (z, y, x) size multiple the network needs
 
+            def _aliases(self) -> dict[str, str]:
+                """alias key → canonical key: PlainConvUNet registers each conv/norm twice (``all_modules.N``)
+                and the decoder holds the encoder (``decoder.encoder.*``), so its state dict names every tensor
+                2-4 times. Bundles store each tensor once (safetensors refuses shared storage)."""
+                full = super().state_dict(keep_vars=True)
+                first: dict[int, str] = {}
+                out: dict[str, str] = {}
+                for key in sorted(full, key=lambda k: ("all_modules." in k, k.startswith("decoder.encoder."), k)):
+                    ptr = full[key].data_ptr()
+                    if ptr in first:
+                        out[key] = first[ptr]
+                    else:
+                        first[ptr] = key
+                return out
+
+            def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+                """Every tensor once, under its canonical nnU-Net name (``conv``/``norm``, ``encoder.*``)."""
+                sd = super().state_dict(*args, **kwargs)
+                for alias in self._aliases():
+                    sd.pop(kwargs.get("prefix", "") + alias, None)
+                return sd
+
+            def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+                                ) -> Any:
+                """Accept a state dict with or without the aliases (nnU-Net's own files have them)."""
+                full = dict(state_dict)
+                for alias, canonical in self._aliases().items():
+                    if alias not in full and canonical in full:
+                        full[alias] = full[canonical]
+                return super().load_state_dict(full, strict=strict, assign=assign)
+
             def _run(self, z: torch.Tensor) -> torch.Tensor:
                 size = z.shape[2:]
                 pad = [(-s) % d for s, d in zip(size, self.divisor, strict=True)]
@@ -150,8 +181,10 @@ def checkpoint_to_bundle(raw: Any, src: Path, out_dir: str | Path, entry: Any = 
     labels_given = labels is not None
     sd, _, _ = official_state_dict(raw, str(src))
     args = {**infer_args(sd), **(dict(entry.architecture.get("args", {})) if entry is not None else {})}
-    target = nnunet_class()(**args).state_dict()
+    net = nnunet_class()(**args)
+    target, aliases = net.state_dict(), set(net._aliases())
     matched, report = prepare_official(raw, target, str(src))
+    report.unexpected = [k for k in report.unexpected if k not in aliases]  # the same tensors under a second name
     if report.missing or report.mismatched:
         raise UserError(f"{src}: incomplete nnU-Net checkpoint: {report.summary()}")
     n_out = int(args["out_channels"])
@@ -177,6 +210,5 @@ def checkpoint_to_bundle(raw: Any, src: Path, out_dir: str | Path, entry: Any = 
                       "inferred": {"layout": report.container or "flat", "out_channels": n_out,
                                    "labels": labels_source}}
     bundle = ModelBundle(meta=meta, labels=labels)
-    # nnU-Net's modules alias tensors (all_modules.N, decoder.encoder.*): safetensors wants one storage each
-    bundle.save(out_dir, {k: v.clone() for k, v in matched.items()}, overwrite=overwrite)
+    bundle.save(out_dir, matched, overwrite=overwrite)
     return bundle, report
