@@ -109,3 +109,16 @@ def test_segments_a_phantom_on_its_input_grid(official, tmp_path, monkeypatch):
     assert seg.GetSize() == img.GetSize() and seg.GetSpacing() == img.GetSpacing()
     assert seg.GetOrigin() == img.GetOrigin() and seg.GetDirection() == img.GetDirection()
     assert set(np.unique(sitk.GetArrayFromImage(seg)).tolist()) <= set(range(21))
+
+
+def test_class_count_comes_from_the_tensors_not_the_catalog(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VOCOSLICER_HOME", str(tmp_path / "home"))
+    torch.manual_seed(1)
+    ckpt = tmp_path / "VoComni_nnunet.pt"  # the catalog's file name, but a 14-class (BTCV) network
+    torch.save({"state_dict": official_network(num_classes=14).state_dict()}, ckpt)
+    assert main(["models", "import", str(ckpt), "--json"]) == 0
+    from vocoslicer.models.registry import resolve
+
+    bundle = resolve(json.loads(capsys.readouterr().out)["id"])
+    assert bundle.architecture[1]["out_channels"] == 14 and bundle.labels.by_value(1).name == "spleen"
+    assert len(bundle.labels) == 13 and bundle.meta["source"]["inferred"]["out_channels"] == 14

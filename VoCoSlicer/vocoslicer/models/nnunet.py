@@ -180,7 +180,8 @@ def checkpoint_to_bundle(raw: Any, src: Path, out_dir: str | Path, entry: Any = 
 
     labels_given = labels is not None
     sd, _, _ = official_state_dict(raw, str(src))
-    args = {**infer_args(sd), **(dict(entry.architecture.get("args", {})) if entry is not None else {})}
+    # the catalog's class count is itself inferred: the tensors win over it
+    args = {**(dict(entry.architecture.get("args", {})) if entry is not None else {}), **infer_args(sd)}
     net = nnunet_class()(**args)
     target, aliases = net.state_dict(), set(net._aliases())
     matched, report = prepare_official(raw, target, str(src))
@@ -189,7 +190,7 @@ def checkpoint_to_bundle(raw: Any, src: Path, out_dir: str | Path, entry: Any = 
         raise UserError(f"{src}: incomplete nnU-Net checkpoint: {report.summary()}")
     n_out = int(args["out_channels"])
     if labels is None:
-        name = entry.labels if entry is not None and entry.labels else {21: "vocomni", 14: "btcv"}.get(n_out)
+        name = {21: "vocomni", 14: "btcv"}.get(n_out) or (entry.labels if entry is not None else None)
         if name is None:
             raise UserError(f"{src}: {n_out} output channels; give a labels CSV (--labels) with {n_out - 1} labels")
         labels = label_table(name)
