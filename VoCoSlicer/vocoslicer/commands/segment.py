@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``segment`` command."""
     p = sub.add_parser("segment", help="segment a CT volume (file or DICOM folder) with a model bundle",
                        description="Writes a label map on exactly the input's grid and its labels table "
-                                   "(OUT with .labels.csv). Without --model the bundled demo model is used.")
+                                   "(OUT with .labels.csv). Without --model the bundled demo model is used. "
+                                   "Several inputs, a .txt list, --cohort or an output folder: batch mode "
+                                   "(OUT_DIR/segment_status.jsonl; a rerun resumes). OUT.dcm: DICOM SEG.")
     p.add_argument("input", nargs="?", help="volume file (.nii/.nii.gz/.nrrd/.mha) or DICOM series folder")
     p.add_argument("-o", "--output", help="output label map (.nii.gz, .nrrd, .mha, .seg.nrrd or .dcm), or a "
                                            "folder in batch mode")
