@@ -37,7 +37,7 @@ def load_requirements_like_slicer(path: Path) -> list[Requirement]:
 def test_requirements_file_parses_line_by_line_as_slicer_does():
     reqs = load_requirements_like_slicer(REQUIREMENTS)
     assert [str(r) for r in reqs] == dependencies.slicer_requirements()
-    assert {r.name for r in reqs} == {"monai", "einops", "nibabel", "safetensors", "PyYAML", "filelock"}
+    assert {r.name for r in reqs} == {"monai", "einops", "nibabel", "safetensors", "PyYAML", "filelock", "highdicom"}
     assert all(len(r.specifier) == 1 and next(iter(r.specifier)).operator == "==" for r in reqs)  # exact pins
 
 

@@ -291,7 +291,7 @@ def test_requirements_and_protected_constraints(tmp_path):
     req = os.path.join(os.path.dirname(deps.__file__), "..", "Resources", "requirements.txt")
     lines = deps.requirement_lines(req)
     names = {deps.requirement_name(x).lower() for x in lines}
-    assert names == {"monai", "einops", "nibabel", "safetensors", "pyyaml", "filelock"}
+    assert names == {"monai", "einops", "nibabel", "safetensors", "pyyaml", "filelock", "highdicom"}
     assert not names & {"torch", "numpy", "simpleitk"}  # Slicer's / the PyTorch extension's own
     assert all("==" in x for x in lines)  # pinned
     assert deps.protected_constraints({"torch": "2.5.1", "numpy": None, "SimpleITK": "2.4.0"}) == \

@@ -17,6 +17,11 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   "$PY" -m pip install -q --upgrade pip
   if [ "$1" = test ]; then EXTRA="[test]"; else EXTRA=""; fi
   "$PY" -m pip install -q -c "$REPO/constraints-ci.txt" -e "$REPO$EXTRA"
+  if [ "$1" = test ]; then
+    # the nnU-Net VoComni tests need dynamic-network-architectures; its declared timm pulls a torchvision that
+    # does not match the CPU torch wheel, and PlainConvUNet imports neither, so install it alone
+    "$PY" -m pip install -q --no-deps "dynamic-network-architectures==0.4.4"
+  fi
   echo "$WANT" > "$STAMP"
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"

@@ -19,9 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``segment`` command."""
     p = sub.add_parser("segment", help="segment a CT volume (file or DICOM folder) with a model bundle",
                        description="Writes a label map on exactly the input's grid and its labels table "
-                                   "(OUT with .labels.csv). Without --model the bundled demo model is used.")
-    p.add_argument("input", help="volume file (.nii/.nii.gz/.nrrd/.mha) or DICOM series folder")
-    p.add_argument("-o", "--output", required=True, help="output label map (.nii.gz, .nrrd, .mha or .seg.nrrd)")
+                                   "(OUT with .labels.csv). Without --model the bundled demo model is used. "
+                                   "Several inputs, a .txt list, --cohort or an output folder: batch mode "
+                                   "(OUT_DIR/segment_status.jsonl; a rerun resumes). OUT.dcm: DICOM SEG.")
+    p.add_argument("input", nargs="?", help="volume file (.nii/.nii.gz/.nrrd/.mha) or DICOM series folder")
+    p.add_argument("-o", "--output", help="output label map (.nii.gz, .nrrd, .mha, .seg.nrrd or .dcm), or a "
+                                           "folder in batch mode")
     p.add_argument("--model", default=None, help="bundle path, installed model ID or ID@VERSION (default: demo model)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--fast", action="store_true", help="run at 3 mm spacing (much faster, coarser)")
@@ -30,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--largest-component", action="store_true",
                    help="keep only the largest connected component of each label (removes stray islands)")
     p.add_argument("--truth", default=None, help="ground-truth label map: print per-label Dice after segmenting")
+    from vocoslicer.infer.batch_cli import add_batch_arguments
+
+    add_batch_arguments(p)  # several inputs / --cohort / an output folder: batch mode; .dcm: DICOM SEG
     add_events_flag(p)
     config.add_config_option(p)
     p.set_defaults(func=run)
@@ -37,10 +43,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler: segment and report."""
+    from vocoslicer.infer import batch_cli
     from vocoslicer.infer.segment import run_segment
 
     if args.overlap is not None and not 0 <= args.overlap < 1:
         raise UserError(f"--overlap must be in [0, 1), got {args.overlap}")
+    if batch_cli.is_batch(args):
+        return batch_cli.run_batch_command(args)
+    if not args.input or not args.output:
+        raise UserError("segment needs an input and -o OUTPUT (see 'vocoslicer segment --help')")
+    if batch_cli.wants_dicom_seg(args):
+        return batch_cli.run_single_dicom_seg(args)
+    if args.out_format not in (None, "nifti", "nrrd", "seg.nrrd", "mha"):
+        raise UserError(f"--format {args.out_format} does not match the output name {args.output}")
     result = run_segment(args.input, args.output, args.model, args.device, args.fast, args.series, args.overlap,
                          largest_component=args.largest_component)  # events: the job context's (--run-dir/--events)
     out = sys.stderr if args.events == "stdout" else sys.stdout

@@ -58,6 +58,8 @@ DEPENDENCIES: tuple[Dependency, ...] = (
     Dependency("PyYAML", "6", "run configs (--config file.yaml)", "6.0.3", module="yaml"),
     Dependency("filelock", "3.12", "the one inter-process lock (cache, GPU, cohort manifest); torch needs it too",
                "4.3.1"),
+    Dependency("highdicom", "0.22", "DICOM SEG output (segment --format dicom-seg); needs pydicom>=3.0.1 (Slicer "
+               "ships 3.0.2)", "0.28.2"),
 )
 
 

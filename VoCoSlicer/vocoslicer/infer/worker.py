@@ -5,6 +5,7 @@ case with the same model. ``vocoslicer serve --stdio`` pays that once. Protocol 
 
 request  ``{"id": ..., "op": "segment"|"classify"|"ping"|"shutdown", "input": ..., "output": ..., "model": ...,
 "device": ..., ["fast": bool, "overlap": float, "series": uid, "smooth": bool, "largest_component": bool]}``
+A segment request without ``"model"`` uses the default model of ``vocoslicer segment`` (the bundled demo model).
 
 replies  zero or more event lines (the :class:`~vocoslicer.jobs.events.EventSink` JSON form plus ``"id"``), then
 exactly one final line ``{"id": ..., "kind": "result", ...}`` or ``{"id": ..., "kind": "error", "message": ...,
@@ -160,7 +161,8 @@ class Worker:
                     "served": self.served, "cached_models": self.cache.keys()}
         if op == "shutdown":
             return {"served": self.served}
-        for field in ("input", "model") + (("output",) if op == "segment" else ()):
+        # segment without "model" uses the default model, like `vocoslicer segment`; classify has no default
+        for field in ("input", "output") if op == "segment" else ("input", "model"):
             if not req.get(field):
                 raise UserError(f"{op} request needs '{field}'")
         if op == "segment":
@@ -176,7 +178,7 @@ class Worker:
         from vocoslicer.models.registry import resolve
 
         dev = self._device(req)
-        bundle = resolve(req["model"])
+        bundle = resolve(req.get("model"))
         if bundle.task != "segmentation":
             raise UserError(f"model {bundle.describe()} is a {bundle.task} model, not a segmentation model")
         inf = bundle.inference

@@ -169,12 +169,17 @@ def checkpoint_to_bundle(checkpoint: str | os.PathLike[str], out_dir: str | os.P
 
     src = Path(checkpoint)
     raw = read_checkpoint(src)
+    from vocoslicer.models import nnunet
+    from vocoslicer.models.checkpoints import official_state_dict
+
+    if (entry.architecture.get("name") == nnunet.NNUNET_ARCH if entry is not None
+            else nnunet.looks_like_nnunet(official_state_dict(raw, str(src))[0])):  # the nnU-Net VoComni model
+        return nnunet.checkpoint_to_bundle(raw, src, out_dir, entry, model_id, version, labels, source_sha256,
+                                           sha256_verified, overwrite)
     if entry is not None:
         arch_name, args = entry.architecture["name"], dict(entry.architecture.get("args", {}))
         task = entry.task
     else:
-        from vocoslicer.models.checkpoints import official_state_dict
-
         sd_guess, _, _ = official_state_dict(raw, str(src))
         arch_name, args = "swinunetr", infer_swin_args(sd_guess)
         task = "segmentation" if "out_channels" in args else "backbone"

@@ -17,7 +17,7 @@ from vocoslicer.errors import UserError
 Builder = Callable[..., torch.nn.Module]
 _REGISTRY: dict[str, Builder] = {}
 # families whose modules register more architectures when imported (kept lazy: PUMIT pulls extra code)
-_LAZY_MODULES = ("vocoslicer.models.pumit", "vocoslicer.models.classifier")
+_LAZY_MODULES = ("vocoslicer.models.pumit", "vocoslicer.models.classifier", "vocoslicer.models.nnunet")
 
 
 def register_architecture(name: str) -> Callable[[Builder], Builder]:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 from vocoslicer.contracts.models import DEMO_MODEL_ID
 from vocoslicer.contracts.models import version_key as _version_key
 from vocoslicer.errors import UserError
 from vocoslicer.models.bundle import ModelBundle
-from vocoslicer.paths import models_dir, resources_dir
+from vocoslicer.paths import cache_dir, models_dir, resources_dir
 
 
 def demo_bundle_path() -> Path:
@@ -51,6 +52,8 @@ def resolve(spec: str | os.PathLike[str] | None) -> ModelBundle:
         return ModelBundle.load(demo)
     text = str(spec)
     p = Path(text).expanduser()
+    if p.is_file() and _is_checkpoint_file(p):
+        return checkpoint_bundle(p)
     if p.exists():
         return ModelBundle.load(p)
     model_id, _, version = text.partition("@")
@@ -60,6 +63,49 @@ def resolve(spec: str | os.PathLike[str] | None) -> ModelBundle:
         raise UserError(f"model {text!r} is neither a bundle path nor an installed model "
                         f"(installed: {', '.join(known) or 'none'})")
     return max(candidates, key=lambda b: _version_key(b.version))
+
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
+
+
+def _is_checkpoint_file(p: Path) -> bool:
+    """An official checkpoint (a torch zip or safetensors file), not a zipped bundle with a model.json."""
+    if p.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        return False
+    if not zipfile.is_zipfile(p):
+        return True
+    with zipfile.ZipFile(p) as zf:
+        return not any(Path(n).name == "model.json" for n in zf.namelist())
+
+
+def checkpoint_bundle(path: str | os.PathLike[str]) -> ModelBundle:
+    """``--model VoComni_B.pt``: convert an official checkpoint on the fly, as ``models import`` does.
+
+    The bundle goes into the cache (keyed by the file's sha256, so it is converted once), not into the installed
+    models: pointing at a file should not change what ``models list`` shows. A catalog file whose hash differs
+    from the catalog's is refused, like on import.
+    """
+    from vocoslicer.models.bundle import sha256_file
+    from vocoslicer.models.catalog import checkpoint_to_bundle, find_entry
+
+    p = Path(path)
+    digest = sha256_file(p)
+    dest = cache_dir() / "checkpoints" / digest[:16]
+    if (dest / "model.json").is_file():
+        return ModelBundle.load(dest)
+    entry = find_entry(p.name)
+    verified = bool(entry is not None and entry.sha256 and entry.sha256 == digest)
+    if entry is not None and entry.sha256 and not verified:
+        raise UserError(f"{p}: sha256 {digest[:16]}… differs from the catalog's for {entry.id}; not used")
+    mid = entry.id if entry is not None else p.name.split(".")[0].lower().replace("_", "-")
+    ver = entry.version if entry is not None else "1.0.0"
+    try:
+        bundle, _ = checkpoint_to_bundle(p, dest, entry=entry, model_id=mid, version=ver, source_sha256=digest,
+                                         sha256_verified=verified, overwrite=True)
+    except UserError as exc:
+        raise UserError(f"{str(exc).splitlines()[0]} (to choose labels or an id: vocoslicer models import {p} "
+                        "--labels CSV)") from None
+    return ModelBundle.load(bundle.path)
 
 
 def install(bundle_dir: str | os.PathLike[str], overwrite: bool = False) -> ModelBundle:
