@@ -9,18 +9,29 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from vocoslicer.errors import UserError
+
+
+def _folder(path: Path, what: str) -> Path:
+    # a file (or a dangling link) where a folder belongs is the user's setup, not a crash: one line, exit 2
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is not a folder (a file is in the way)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{what} {path} cannot be created ({exc.strerror or exc})") from None
+    return path
+
 
 def home() -> Path:
     """The VoCoSlicer home folder (created on first use)."""
-    root = Path(os.environ.get("VOCOSLICER_HOME") or Path.home() / ".vocoslicer").expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    env = os.environ.get("VOCOSLICER_HOME")
+    root = Path(env or Path.home() / ".vocoslicer").expanduser()
+    return _folder(root, "VOCOSLICER_HOME" if env else "the VoCoSlicer home folder")
 
 
 def _sub(name: str) -> Path:
-    p = home() / name
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+    return _folder(home() / name, "the VoCoSlicer folder")
 
 
 def models_dir() -> Path:
