@@ -321,6 +321,7 @@ class ModelBundle:
                        .contiguous() for k, v in state_dict.items()}
             wfile = tmp / "weights.safetensors"
             save_file(tensors, str(wfile))
+            os.chmod(wfile, tmp.stat().st_mode & 0o666)  # safetensors writes 0600; the folder carries the umask
             meta = dict(self.meta)
             meta.setdefault("format", BUNDLE_FORMAT)
             meta.setdefault("created", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
