@@ -30,7 +30,6 @@ import torch
 
 from vocoslicer.data.cohort import Cohort
 from vocoslicer.labels import Label, LabelTable
-from vocoslicer.models import registry
 from vocoslicer.models.bundle import ModelBundle, new_bundle_meta
 from vocoslicer.models.factory import build_model
 
@@ -89,12 +88,9 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     TABLE.write_csv(inputs / "labels.csv")
     c = Cohort.init(w / "cohort")
     c.add(inputs / "img1.nii.gz", inputs / "lab1.nii.gz", inputs / "labels.csv")
-    saved = os.environ.get("VOCOSLICER_HOME")
-    os.environ["VOCOSLICER_HOME"] = str(w / "home")
-    try:  # an installed model for the remove cases to aim next to
-        registry.install(inputs / "good", meta={"id": "installed-model"})
-    finally:
-        os.environ.pop("VOCOSLICER_HOME") if saved is None else os.environ.update(VOCOSLICER_HOME=saved)
+    installed = w / "home" / "models" / "installed-model" / "1.0.0"  # for the remove cases to aim next to
+    shutil.copytree(inputs / "good", installed)
+    _edit_json(installed / "model.json", lambda d: d.update(id="installed-model"))
     return w
 
 
@@ -290,6 +286,18 @@ CASES = [
              slow=True),
     BadInput("spacing NaN", ("models", "import", EV), bundle_with(preprocessing={"spacing": [1, 1, float("nan")]}),
              must="spacing", slow=True),
+    BadInput("weights file missing", ("models", "import", EV),
+             lambda w: (bundle_with()(w), (w / "inputs" / "evil" / "weights.safetensors").unlink()), must="missing",
+             slow=True),
+    BadInput("weights not safetensors", ("models", "import", EV),
+             lambda w: (bundle_with()(w), (w / "inputs" / "evil" / "weights.safetensors").write_bytes(b"junk"),
+                        _edit_json(w / "inputs" / "evil" / "model.json", lambda d: d["weights"].pop("sha256"))),
+             must="cannot load weights", slow=True),
+    BadInput("model.json a link out", ("models", "import", EV),
+             lambda w: (bundle_with()(w), (w / "victim" / "model.json").write_text(
+                 (w / "inputs" / "evil" / "model.json").read_text()), (w / "inputs" / "evil" / "model.json").unlink(),
+                 (w / "inputs" / "evil" / "model.json").symlink_to(w / "victim" / "model.json")), must="outside",
+             slow=True),
     BadInput("tampered weights (staging cleaned)", ("models", "import", EV),
              bundle_with(weights={"file": "weights.safetensors", "sha256": "0" * 64}), must="sha256"),
     # item 18: labels.csv vs model.json

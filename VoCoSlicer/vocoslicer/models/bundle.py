@@ -182,6 +182,7 @@ class ModelBundle:
         mj = p / "model.json"
         if not mj.is_file():
             raise UserError(f"{p}: not a model bundle (no model.json)")
+        inside(p, mj, "model.json")
         try:
             meta = json.loads(mj.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
@@ -228,13 +229,19 @@ class ModelBundle:
         wp = self.weights_path
         if not wp.is_file():
             raise UserError(f"{self.path}: weights file {wp.name} is missing")
+        if verify:
+            self._check_sha(wp)
+        return load_state_dict_file(wp)
+
+    def _check_sha(self, wp: Path) -> None:
+        if not wp.is_file():
+            raise UserError(f"{self.path}: weights file {wp.name} is missing")
         expected = (self.meta.get("weights") or {}).get("sha256")
-        if verify and expected:
+        if expected:
             actual = sha256_file(wp)
             if actual != expected:
                 raise UserError(f"{wp}: sha256 mismatch (file {actual[:12]}…, model.json {expected[:12]}…): "
                                 "the weights are corrupted or were replaced")
-        return load_state_dict_file(wp)
 
     def build_model(self, load_weights: bool = True, strict: bool = True) -> torch.nn.Module:
         """Rebuild the network from model.json and load its weights."""
@@ -262,7 +269,7 @@ class ModelBundle:
         from vocoslicer.models.factory import build_model
 
         src = str(self.path)
-        sd = self.state_dict()
+        self._check_sha(self.weights_path)
         name, args = self.architecture
         try:
             with parameters_on_meta(), warnings.catch_warnings():
@@ -272,6 +279,7 @@ class ModelBundle:
             raise UserError(f"{src}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - builders reject bad arguments with assorted exception types
             raise UserError(f"{src}: architecture {name!r} cannot be built with {args}: {_first_line(exc)}") from None
+        sd = self._weight_layout({n for n, _ in model.named_parameters()})
         try:
             with warnings.catch_warnings():  # "copying into a meta parameter is a no-op": that is the point here
                 warnings.simplefilter("ignore")
@@ -304,6 +312,24 @@ class ModelBundle:
         if tuple(y.shape) != want:
             raise UserError(f"{src}: at ROI size {size} the network outputs shape {list(y.shape)}, expected "
                             f"{list(want)}")
+
+    def _weight_layout(self, params: set[str]) -> dict[str, torch.Tensor]:
+        """The weights with ``params`` as meta tensors of the right shapes: a 4.6 GB file is never loaded.
+
+        Buffers (index tables such as Swin's ``relative_position_index``) are read for real: the meta forward
+        pass indexes with them, and they are small.
+        """
+        wp = self.weights_path
+        if wp.suffix != ".safetensors":
+            return {k: v.to("meta") if k in params else v for k, v in self.state_dict(verify=False).items()}
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(wp), framework="pt") as fh:
+                return {k: torch.empty(fh.get_slice(k).get_shape(), device="meta") if k in params
+                        else fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+        except Exception as exc:  # noqa: BLE001 - a damaged header is a bad file for the user
+            raise UserError(f"{wp}: cannot load weights ({type(exc).__name__}: {_first_line(exc)})") from None
 
     # ----------------------------------------------------------------- saving
     def save(self, out_dir: str | os.PathLike[str], state_dict: dict[str, torch.Tensor],

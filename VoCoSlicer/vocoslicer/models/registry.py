@@ -37,7 +37,7 @@ def installed() -> list[ModelBundle]:
     out: list[ModelBundle] = []
     root = models_dir()
     for id_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")):
-        versions = sorted((p for p in id_dir.iterdir() if (p / "model.json").is_file()),
+        versions = sorted((p for p in id_dir.iterdir() if not p.is_symlink() and (p / "model.json").is_file()),
                           key=lambda p: _version_key(p.name), reverse=True)
         for vdir in versions:
             try:
