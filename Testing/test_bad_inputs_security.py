@@ -337,6 +337,8 @@ CASES = [
                                                    "--id", "other"), allowed="cohort", must="already in the cohort"),
     BadInput("cohort export --out an existing file", ("cohort", "export", "{w}/cohort", "--out",
                                                       "{w}/inputs/labels.csv"), allowed="cohort", must="not a file"),
+    BadInput("cohort init on a file", ("cohort", "init", "{w}/inputs/labels.csv"), allowed="cohort",
+             must="is a file"),
     BadInput("cohort export into the cohort", ("cohort", "export", "{w}/cohort", "--out", "{w}/cohort/x"),
              allowed="cohort", must="inside the cohort"),
     # item 4: finetune --model-id (refused by the registry before any training or install)

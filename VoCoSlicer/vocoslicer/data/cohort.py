@@ -187,6 +187,8 @@ class Cohort:
         path = Path(root).expanduser().resolve()
         if not 0.0 <= val_ratio < 1.0:
             raise UserError(f"val ratio must be in [0, 1), got {val_ratio}")
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{path}: is a file; a cohort is a folder")
         if (path / MANIFEST).exists():
             raise UserError(f"{path}: already a cohort")
         if path.exists() and any(p.name != LOCK for p in path.iterdir()):
