@@ -218,12 +218,14 @@ class BadInput:
 
 
 EV = "{w}/inputs/evil"
+ABSOLUTE_TARGETS = ("/tmp/vocoslicer-pwned-zip", "/tmp/vocoslicer-pwned-id")
 CASES = [
     # item 1: ids and versions from model.json, flags and file names
     BadInput("bundle id ../../../x", ("models", "import", EV), bundle_with(id="../../../x"), must="model id"),
     BadInput("bundle id ..", ("models", "import", EV), bundle_with(id=".."), must="model id", slow=True),
     BadInput("bundle id a/b", ("models", "import", EV), bundle_with(id="a/b"), must="model id", slow=True),
-    BadInput("bundle id absolute", ("models", "import", EV), bundle_with(id="/tmp/x"), must="model id", slow=True),
+    BadInput("bundle id absolute", ("models", "import", EV), bundle_with(id="/tmp/vocoslicer-pwned-id"),
+             must="model id", slow=True),
     BadInput("bundle version ../../v", ("models", "import", EV), bundle_with(version="../../v"), must="version",
              slow=True),
     BadInput("bundle version ..", ("models", "import", EV), bundle_with(version=".."), must="version", slow=True),
@@ -264,7 +266,7 @@ CASES = [
     # zips and pickles
     BadInput("zip member ../", ("models", "import", "{w}/inputs/evil.zip"), zip_with("../../victim/pwned.txt"),
              must="unsafe path"),
-    BadInput("zip member absolute", ("models", "import", "{w}/inputs/evil.zip"), zip_with("/tmp/pwned_vocoslicer"),
+    BadInput("zip member absolute", ("models", "import", "{w}/inputs/evil.zip"), zip_with("/tmp/vocoslicer-pwned-zip"),
              must="unsafe path", slow=True),
     BadInput("pickle .pt with payload", ("models", "import", "{w}/inputs/evil.pt", "--id", "evil"),
              evil_pickle_pt, must="evil.pt"),
@@ -379,20 +381,20 @@ def test_bad_input(case: BadInput, template: Path, tmp_path: Path) -> None:
     shutil.copytree(template, w, symlinks=True)
     if case.setup is not None:
         case.setup(w)
-    before = fingerprint(w)
+    before = fingerprint(tmp_path)  # the world's parent too: a traversal that climbs out of it shows
     argv = [a.format(w=w) for a in case.args]
     proc = subprocess.run([sys.executable, "-m", "vocoslicer", *argv], env=_env(w, case.env), capture_output=True,
                           text=True, timeout=300)
-    after = fingerprint(w)
+    after = fingerprint(tmp_path)
     err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-    holes = [k for k in changed if not k.startswith(case.allowed + "/")]
-    left = [k for k in changed
-            if k.startswith(case.allowed + "/") and not (case.left_ok and k.startswith(case.left_ok))]
+    allowed = f"w/{case.allowed}/"
+    holes = [k for k in changed if not k.startswith(allowed)]
+    left = [k for k in changed if k.startswith(allowed) and not (case.left_ok and k.startswith("w/" + case.left_ok))]
     assert not (w / "MARKER").exists(), "the pickle payload ran"
-    assert not Path("/tmp/pwned_vocoslicer").exists()
+    assert not any(Path(p).exists() for p in ABSOLUTE_TARGETS), "wrote to an absolute path"
     assert not holes, f"changed outside {case.allowed}/: {holes}"
-    assert proc.returncode == case.code, proc.stderr
+    assert proc.returncode == case.code, f"exit {proc.returncode}: {proc.stderr}"
     assert len(err) == 1 and err[0].startswith("vocoslicer: error: ") and "Traceback" not in proc.stderr, err
     assert case.must in err[0], err[0]
     assert not left, f"left behind in {case.allowed}/: {left}"
