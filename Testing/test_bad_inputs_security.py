@@ -157,6 +157,12 @@ def zip_with(member: str) -> Callable[[Path], None]:
     return setup
 
 
+def _corrupt(data: bytes) -> bytes:
+    """Flip bytes in the middle of the first member's compressed data (the CRC check must catch it)."""
+    mid = len(data) // 3
+    return data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 64]) + data[mid + 64:]
+
+
 def wrong_shapes(w: Path) -> None:
     bundle_with()(w)
     other = {**UNET, "channels": [8, 16]}
@@ -268,6 +274,13 @@ CASES = [
              must="unsafe path"),
     BadInput("zip member absolute", ("models", "import", "{w}/inputs/evil.zip"), zip_with("/tmp/vocoslicer-pwned-zip"),
              must="unsafe path", slow=True),
+    BadInput("zip damaged", ("models", "import", "{w}/inputs/evil.zip"),
+             lambda w: (zip_with("bundle/extra.txt")(w), (w / "inputs" / "evil.zip").write_bytes(
+                 _corrupt((w / "inputs" / "evil.zip").read_bytes()))), must="evil.zip", slow=True),
+    BadInput("zip of a tampered bundle (no cache, no staging left)", ("models", "import", "{w}/inputs/evil.zip"),
+             lambda w: (bundle_with(weights={"file": "weights.safetensors", "sha256": "0" * 64})(w),
+                        shutil.make_archive(str(w / "inputs" / "evil"), "zip", w / "inputs" / "evil")),
+             must="sha256"),
     BadInput("pickle .pt with payload", ("models", "import", "{w}/inputs/evil.pt", "--id", "evil"),
              evil_pickle_pt, must="evil.pt"),
     BadInput("pickle weights.pt in a bundle", ("models", "import", EV), evil_pickle_bundle, must="weights", slow=True),

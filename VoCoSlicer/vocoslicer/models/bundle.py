@@ -416,6 +416,14 @@ def _extract_zip(zpath: Path) -> Path:
     dest = cache_dir() / "bundles" / digest
     if (dest / "model.json").is_file():
         return dest
+    return unzip_bundle(zpath, dest)
+
+
+def unzip_bundle(zpath: Path, dest: Path) -> Path:
+    """Unpack the bundle inside a zip into ``dest`` (which must not exist yet); every member must stay inside."""
+    import zlib
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(dest.parent, prefix=".unzip.", suffix=".tmp")
     try:
         with zipfile.ZipFile(zpath) as zf:
@@ -427,8 +435,9 @@ def _extract_zip(zpath: Path) -> Path:
         roots = sorted(tmp.rglob("model.json"), key=lambda q: len(q.parts))
         if not roots:
             raise UserError(f"{zpath}: the zip holds no model.json")
-        dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(roots[0].parent, dest)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, NotImplementedError) as exc:
+        raise UserError(f"{zpath}: damaged zip ({type(exc).__name__}: {_first_line(exc)})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,15 @@ def install(bundle_dir: str | os.PathLike[str], overwrite: bool = False, meta: d
     verified (weights sha256, network built on the meta device, every weight shape, one meta forward at the
     ROI size), and only then renamed into place. On any failure the staging folder is removed.
     """
+    if Path(bundle_dir).is_file() and zipfile.is_zipfile(bundle_dir):  # unpack into staging, not the cache
+        from vocoslicer.models.bundle import unzip_bundle
+
+        stage = staging_dir()
+        try:
+            unzip_bundle(Path(bundle_dir), stage / "bundle")
+            return install(stage / "bundle", overwrite=overwrite, meta=meta, move=True)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     src = ModelBundle.load(bundle_dir)
     if meta:
         src = ModelBundle(meta={**src.meta, **meta}, labels=src.labels, path=src.path)
