@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 
 import pytest
@@ -113,3 +114,65 @@ def test_registry_install_resolve_versions(tmp_path, monkeypatch):
         registry.resolve("other-model")
     registry.remove("test-model@1.0.1")
     assert registry.resolve("test-model").version == "1.0.0"
+
+
+def test_install_stays_in_the_models_home(tmp_path, monkeypatch):
+    """The finetuner installs through registry.install: a traversal id or version never leaves the home."""
+    monkeypatch.setenv("VOCOSLICER_HOME", str(tmp_path / "home"))
+    src = _bundle().save(tmp_path / "b", Tiny().state_dict())
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "1.0.0").mkdir()
+    (tmp_path / "x" / "1.0.0" / "keep.txt").write_text("user data")
+    for meta in ({"id": "../../x"}, {"id": ".."}, {"version": "../../../x/1.0.0"}, {"id": "a/b"}):
+        with pytest.raises(UserError, match="model id|model version"):
+            registry.install(src, overwrite=True, meta=meta)
+    data = json.loads((src / "model.json").read_text())
+    data["id"] = "../../x"
+    (src / "model.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="model id '../../x'"):
+        registry.install(src, overwrite=True)
+    with pytest.raises(UserError, match="model id"):
+        registry.next_version("../../x")  # what finetune asks first, before any training
+    with pytest.raises(UserError, match="model id"):
+        ModelBundle(meta={**_bundle().meta, "id": "../x"}, labels=LABELS).save(tmp_path / "c", Tiny().state_dict())
+    assert (tmp_path / "x" / "1.0.0" / "keep.txt").read_text() == "user data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "x"]  # ids are checked before the home is touched
+
+
+def test_install_verifies_and_leaves_no_staging(tmp_path, monkeypatch):
+    """Item 9/11: the network is built on meta and loaded before anything is installed; a failure cleans up."""
+    monkeypatch.setenv("VOCOSLICER_HOME", str(tmp_path / "home"))
+    src = _bundle().save(tmp_path / "b", Tiny().state_dict())
+    from safetensors.torch import save_file
+
+    from vocoslicer.models.bundle import sha256_file
+
+    wrong = {"conv.weight": torch.zeros(5, 1, 1, 1, 1), "conv.bias": torch.zeros(5)}
+    save_file(wrong, str(src / "weights.safetensors"))
+    data = json.loads((src / "model.json").read_text())
+    data["weights"]["sha256"] = sha256_file(src / "weights.safetensors")
+    (src / "model.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="size mismatch for conv.weight"):
+        registry.install(src)
+    models = tmp_path / "home" / "models"
+    assert sorted(p.name for p in models.iterdir()) == [".staging"] and not any((models / ".staging").iterdir())
+
+
+def test_labels_csv_must_agree_with_model_json(tmp_path):
+    path = _bundle().save(tmp_path / "b", Tiny().state_dict())
+    (path / "labels.csv").write_text("value,name,r,g,b\n1,liver,220,100,80\n2,kidney,150,60,160\n")
+    with pytest.raises(UserError, match="disagrees with model.json at label value 2"):
+        ModelBundle.load(path)
+
+
+def test_saved_bundles_honour_the_umask(tmp_path, monkeypatch):
+    monkeypatch.setenv("VOCOSLICER_HOME", str(tmp_path / "home"))
+    old = os.umask(0o022)
+    try:
+        path = _bundle().save(tmp_path / "b", Tiny().state_dict())
+        installed = registry.install(path)
+    finally:
+        os.umask(old)
+    for folder in (path, installed.path):
+        assert folder.stat().st_mode & 0o777 == 0o755
+        assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}

@@ -179,6 +179,10 @@ def test_killed_adder_leaves_manifest_valid_and_lock_free(tmp_path: Path, table_
             proc.kill()
     assert [x.id for x in c.cases()] == ["case0001"]
     json.loads((c.root / "manifest.json").read_text())
+    orphan = c.root / "images" / "case0002.nii.gz"
+    assert orphan.is_file()  # the complete image the dead writer never referenced (issue 18 item 17)
+    c.assign_splits()  # the next write (any write) sweeps it, under the lock the dead process released
+    assert not orphan.exists() and sorted(p.name for p in (c.root / "images").iterdir()) == ["case0001.nii.gz"]
     assert c.add(ip2).case_id == "case0002"  # the OS released the dead process's lock
 
 
@@ -203,6 +207,71 @@ def test_two_concurrent_adders_lose_nothing(tmp_path: Path, table_csv: Path) -> 
     assert len(cases) == 10 and len({x.hash for x in cases}) == 10
     assert all(x.labelled for x in cases)
     assert c.version == 10
+    # every write swept the folders while the other writer was active: nothing referenced may have gone
+    assert all(x.image.is_file() and x.label is not None and x.label.is_file() for x in cases)
+    stray = [p for p in (*(c.root / "images").iterdir(), *(c.root / "labels").rglob("*")) if p.name.startswith(".")]
+    assert not stray
+
+
+def test_next_write_sweeps_what_a_killed_writer_left(tmp_path: Path, table_csv: Path) -> None:
+    """A simulated kill -9 mid-add (files left, manifest not written): the next write removes exactly those."""
+    c = Cohort.init(tmp_path / "c")
+    ip, lp = make_case(tmp_path, 1)
+    c.add(ip, lp, table_csv)
+    before = {p: p.read_bytes() for p in c.root.rglob("*") if p.is_file()}
+    junk = [c.root / "images" / ".case0002.ab12cd34.tmp.nii.gz", c.root / "images" / "case0007.nii.gz",
+            c.root / "labels" / "case0001" / "v2.nii.gz", c.root / "labels" / "case0009" / "v1.nii.gz",
+            c.root / "labels" / "case0001" / ".v2.0badf00d.tmp.nii.gz", c.root / ".manifest.1234abcd.tmp.json"]
+    for j in junk:
+        j.parent.mkdir(parents=True, exist_ok=True)
+        j.write_bytes(b"left by a killed writer")
+    (c.root / "images" / "notes").mkdir()  # not a file a writer makes: not ours to judge
+    (c.root / "notes.txt").write_text("mine")
+    outside = tmp_path / "outside.nii.gz"
+    outside.write_bytes(b"x")
+    (c.root / "images" / "link.nii.gz").symlink_to(outside)  # unlinked, never followed
+    # after a recovery from the backup the newest manifest is unknown: nothing is judged then
+    good = (c.root / "manifest.json").read_text()
+    (c.root / "manifest.json").write_text("{broken")
+    c.assign_splits()
+    assert all(j.exists() for j in junk)
+    assert json.loads((c.root / "manifest.json").read_text())["cases"] == json.loads(good)["cases"]
+    ip2, _ = make_case(tmp_path, 2)
+    assert c.add(ip2).case_id == "case0002"
+    assert not any(j.exists() for j in junk) and not (c.root / "labels" / "case0009").exists()
+    assert not (c.root / "images" / "link.nii.gz").is_symlink() and outside.read_bytes() == b"x"
+    assert (c.root / "images" / "notes").is_dir() and (c.root / "notes.txt").read_text() == "mine"
+    for p, data in before.items():
+        if p.name not in ("manifest.json", "manifest.bak.json"):
+            assert p.read_bytes() == data, p
+    assert (c.root / "images" / "case0002.nii.gz").is_file()
+
+
+def test_files_and_folders_honour_the_umask(tmp_path: Path, table_csv: Path) -> None:
+    """Issue 18 item 15: a shared cohort must be readable by the group (mkstemp/mkdtemp would make 0600/0700)."""
+    from vocoslicer.io.atomic import atomic_write_text, make_temp_dir
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        d = make_temp_dir(tmp_path)
+        c = Cohort.init(tmp_path / "c")
+        ip, lp = make_case(tmp_path, 1)
+        c.add(ip, lp, table_csv)
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "private.txt", "x")
+    finally:
+        os.umask(old)
+
+    def mode(p: Path) -> int:
+        return p.stat().st_mode & 0o777
+
+    assert mode(tmp_path / "a.txt") == 0o644 and mode(d) == 0o755
+    for p in ("manifest.json", "manifest.bak.json", "labels.csv", "images/case0001.nii.gz",
+              "labels/case0001/v1.nii.gz"):
+        assert mode(c.root / p) == 0o644, p
+    assert mode(c.root / "labels" / "case0001") == 0o755
+    assert mode(tmp_path / "private.txt") == 0o600  # a stricter umask is honoured too
 
 
 def test_corrupted_manifest_recovers_from_backup(tmp_path: Path, table_csv: Path) -> None:

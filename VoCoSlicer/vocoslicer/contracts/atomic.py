@@ -2,6 +2,10 @@
 
 A crash or a cancel at any point leaves either the old file or the new one, never a truncated file that a later
 run would trust (model weights, cohort manifests, segmentations).
+
+Temporary files and folders are created with modes 0666/0777 *minus the umask*, like any ordinary file:
+``tempfile.mkstemp``/``mkdtemp`` use 0600/0700, and after the rename that private mode would stick to the final
+file, so colleagues sharing a cohort or models folder could not read it.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,15 +24,38 @@ def _suffixes(path: Path) -> str:
     return "".join(path.suffixes[-2:]) if len(path.suffixes) >= 2 else path.suffix
 
 
+def make_temp_file(folder: str | os.PathLike[str], prefix: str = ".", suffix: str = ".tmp") -> Path:
+    """Create an empty, uniquely named file in ``folder`` (mode 0666 minus the umask) and return its path."""
+    for _ in range(100):
+        path = Path(folder) / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return path
+    raise FileExistsError(f"{folder}: could not create a unique temporary file")
+
+
+def make_temp_dir(folder: str | os.PathLike[str], prefix: str = ".", suffix: str = ".tmp") -> Path:
+    """Create a uniquely named folder in ``folder`` (mode 0777 minus the umask) and return its path."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        path = Path(folder) / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            os.mkdir(path, 0o777)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"{folder}: could not create a unique temporary folder")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success it replaces ``path``, on error it is removed."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}.", suffix=".tmp" + _suffixes(target),
-                                    dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = make_temp_file(target.parent, prefix=f".{target.name.split('.')[0]}.", suffix=".tmp" + _suffixes(target))
     try:
         yield tmp
         with open(tmp, "rb+") as fh:

@@ -13,23 +13,33 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from vocoslicer.contracts.errors import UserError
+
 HOME_ENV = "VOCOSLICER_HOME"
+
+
+def _folder(path: Path, what: str) -> Path:
+    # a file (or a dangling link) where a folder belongs is the user's setup, not a crash: one line, exit 2
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is not a folder (a file is in the way)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{what} {path} cannot be created ({exc.strerror or exc})") from None
+    return path
 
 
 def home(create: bool = True) -> Path:
     """The VoCoSlicer home folder (``$VOCOSLICER_HOME``, default ``~/.vocoslicer``), created unless ``create``
     is False."""
-    root = Path(os.environ.get(HOME_ENV) or Path.home() / ".vocoslicer").expanduser()
-    if create:
-        root.mkdir(parents=True, exist_ok=True)
-    return root
+    env = os.environ.get(HOME_ENV)
+    root = Path(env or Path.home() / ".vocoslicer").expanduser()
+    return _folder(root, HOME_ENV if env else "the VoCoSlicer home folder") if create else root
 
 
 def _sub(name: str, create: bool) -> Path:
     p = home(create) / name
-    if create:
-        p.mkdir(parents=True, exist_ok=True)
-    return p
+    return _folder(p, "the VoCoSlicer folder") if create else p
 
 
 def models_dir(create: bool = True) -> Path:

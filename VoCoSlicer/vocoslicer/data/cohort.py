@@ -35,8 +35,10 @@ from vocoslicer.data.cohort_manifest import (
     load_manifest,
     remove_quietly,
     save_manifest,
+    sweep_unreferenced,
 )
 from vocoslicer.errors import UserError
+from vocoslicer.ids import check_id, inside, relative_inside
 from vocoslicer.io import atomic_write_json, read_image, same_grid, write_image
 from vocoslicer.labels import LabelTable
 
@@ -185,6 +187,8 @@ class Cohort:
         path = Path(root).expanduser().resolve()
         if not 0.0 <= val_ratio < 1.0:
             raise UserError(f"val ratio must be in [0, 1), got {val_ratio}")
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{path}: is a file; a cohort is a folder")
         if (path / MANIFEST).exists():
             raise UserError(f"{path}: already a cohort")
         if path.exists() and any(p.name != LOCK for p in path.iterdir()):
@@ -222,10 +226,23 @@ class Cohort:
         """The cohort's label table (union of the tables of every labelled case added)."""
         return LabelTable.from_list(self._load()["labels"])
 
+    def _file(self, rel: str, what: str) -> Path:
+        """Absolute path of a manifest entry, resolved (links too) and required to lie inside the cohort."""
+        return relative_inside(self.root, rel, f"{self.root}: {what}")
+
     def _case(self, rec: dict[str, Any]) -> Case:
-        versions = [dict(v, abs_path=str(self.root / v["path"])) for v in rec["labels"]]
-        return Case(rec["id"], self.root / rec["image"], rec["hash"], rec.get("split"), rec.get("source", ""),
-                    rec.get("added", 0.0), versions)
+        versions = [dict(v, abs_path=str(self._file(v["path"], f"label of case {rec['id']}"))) for v in rec["labels"]]
+        return Case(rec["id"], self._file(rec["image"], f"image of case {rec['id']}"), rec["hash"], rec.get("split"),
+                    rec.get("source", ""), rec.get("added", 0.0), versions)
+
+    def _load_for_write(self) -> dict[str, Any]:
+        """Load the manifest under the lock and clear what a killed writer left (skipped after a recovery)."""
+        data, warning = load_manifest(self.root)
+        if warning:
+            self.warning = warning  # the newest manifest is unreadable: do not judge what it referenced
+        else:
+            sweep_unreferenced(self.root, data)
+        return data
 
     def cases(self) -> list[Case]:
         """All cases in id order."""
@@ -261,8 +278,8 @@ class Cohort:
         """Add an image (optionally with a label map); an image already present gets a new label version."""
         if split is not None and split not in SPLITS:
             raise UserError(f"split must be one of {SPLITS}, got {split!r}")
-        if case_id is not None and (not case_id or not all(c.isalnum() or c in "-_." for c in case_id)):
-            raise UserError(f"case id {case_id!r}: use letters, digits, '-', '_' or '.'")
+        if case_id is not None:
+            check_id(case_id, "case id")
         source = str(image) if not isinstance(image, sitk.Image) else "<memory>"
         img = image if isinstance(image, sitk.Image) else read_image(image)
         lab = None
@@ -271,8 +288,11 @@ class Cohort:
         table = _as_table(labels)
         digest = image_hash(img)
         with file_lock(self.root / LOCK):
-            data = self._load()
+            data = self._load_for_write()
             existing = next((cid for cid, r in data["cases"].items() if r["hash"] == digest), None)
+            if existing is not None and case_id is not None and case_id != existing:
+                raise UserError(f"{source}: this image is already in the cohort as case {existing!r}; --id "
+                                f"{case_id!r} cannot rename it (omit --id to add a label version to {existing!r})")
             if existing is not None:
                 if lab is None:
                     return AddResult(existing, False, None, int(data["version"]))
@@ -286,7 +306,7 @@ class Cohort:
             if lab is not None:  # validate the label before writing anything
                 merged = self._check_table(data, table, str(label))
                 prepare_label(lab, img, merged, str(label), resample_label)
-            write_image(img, self.root / rel)
+            write_image(img, self._file(rel, f"image of case {cid}"))
             data["cases"][cid] = {"id": cid, "image": rel, "hash": digest, "source": source, "added": time.time(),
                                   "size": list(img.GetSize()), "spacing": [round(s, 5) for s in img.GetSpacing()],
                                   "split": split, "labels": []}
@@ -304,7 +324,7 @@ class Cohort:
         lab = label if isinstance(label, sitk.Image) else read_image(label)
         table = _as_table(labels)
         with file_lock(self.root / LOCK):
-            data = self._load()
+            data = self._load_for_write()
             if case_id not in data["cases"]:
                 raise UserError(f"{self.root}: no case {case_id!r}")
             version = self._add_label_locked(data, case_id, lab, table, provenance, resample_label, str(label))
@@ -326,13 +346,13 @@ class Cohort:
         merged = self._check_table(data, table, source)
         rec = data["cases"][cid]
         if image is None:
-            image = read_image(self.root / rec["image"])
+            image = read_image(self._file(rec["image"], f"image of case {cid}"))
         if table is not None:  # the map must satisfy the table it came with, not only the cohort's union
             table.check_values(np.unique(sitk.GetArrayViewFromImage(lab)).tolist(), source)
         ready = prepare_label(lab, image, merged, source, resample)
         version = len(rec["labels"]) + 1
         rel = f"labels/{cid}/v{version}.nii.gz"
-        write_image(ready, self.root / rel)
+        write_image(ready, self._file(rel, f"label of case {cid}"))
         present = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(ready)) if v != 0)
         rec["labels"].append({"version": version, "path": rel, "values": present,
                               "provenance": (provenance or Provenance(corrected=True)).to_dict()})
@@ -362,13 +382,17 @@ class Cohort:
     def remove(self, case_id: str) -> int:
         """Remove a case and its files (manifest first, so a crash leaves unused files, never dangling ones)."""
         with file_lock(self.root / LOCK):
-            data = self._load()
+            data = self._load_for_write()
             if case_id not in data["cases"]:
                 raise UserError(f"{self.root}: no case {case_id!r}")
-            rec = data["cases"].pop(case_id)
+            rec = data["cases"][case_id]
+            image = self._file(rec["image"], f"image of case {case_id}")  # checked before anything changes
+            label_dir = inside(self.root, f"labels/{check_id(case_id, 'case id')}", "label folder")
+            del data["cases"][case_id]
             version = self._commit(data)
-            remove_quietly(self.root / rec["image"])
-            shutil.rmtree(self.root / "labels" / case_id, ignore_errors=True)
+            remove_quietly(image)
+            if label_dir.is_dir() and not label_dir.is_symlink():
+                shutil.rmtree(label_dir, ignore_errors=True)
             return version
 
     def set_split(self, case_ids: list[str], split: str, force: bool = False) -> int:
@@ -376,7 +400,7 @@ class Cohort:
         if split not in SPLITS:
             raise UserError(f"split must be one of {SPLITS}, got {split!r}")
         with file_lock(self.root / LOCK):
-            data = self._load()
+            data = self._load_for_write()
             for cid in case_ids:
                 if cid not in data["cases"]:
                     raise UserError(f"{self.root}: no case {cid!r}")
@@ -391,7 +415,7 @@ class Cohort:
     def assign_splits(self, val_ratio: float | None = None) -> int:
         """Assign labelled cases that have no split yet (new ratio applies to new cases only)."""
         with file_lock(self.root / LOCK):
-            data = self._load()
+            data = self._load_for_write()
             if val_ratio is not None:
                 if not 0.0 <= val_ratio < 1.0:
                     raise UserError(f"val ratio must be in [0, 1), got {val_ratio}")
@@ -408,21 +432,27 @@ class Cohort:
     def export(self, out: str | Path) -> Path:
         """Write an MSD-style copy (imagesTr/labelsTr/imagesUn + dataset.json) with the latest labels."""
         dest = Path(out).expanduser().resolve()
+        if dest.exists() and not dest.is_dir():
+            raise UserError(f"{dest}: --out must be a new or empty folder, not a file")
         if dest.exists() and any(dest.iterdir()):
             raise UserError(f"{dest}: export folder exists and is not empty")
+        if dest == self.root or dest.is_relative_to(self.root):
+            raise UserError(f"{dest}: the export folder may not lie inside the cohort itself")
         data = self._load()
+        for rec in data["cases"].values():  # every source is checked before the first file is copied
+            self._case(rec)
         entries: dict[str, list[dict[str, str]]] = {"training": [], "validation": [], "unlabeled": []}
         for cid in sorted(data["cases"]):
             rec = data["cases"][cid]
             if rec["labels"]:
                 img_rel, lab_rel = f"imagesTr/{cid}.nii.gz", f"labelsTr/{cid}.nii.gz"
-                _copy(self.root / rec["image"], dest / img_rel)
-                _copy(self.root / rec["labels"][-1]["path"], dest / lab_rel)
+                _copy(self._file(rec["image"], f"image of case {cid}"), dest / img_rel)
+                _copy(self._file(rec["labels"][-1]["path"], f"label of case {cid}"), dest / lab_rel)
                 key = "validation" if rec.get("split") == "val" else "training"
                 entries[key].append({"image": img_rel, "label": lab_rel})
             else:
                 img_rel = f"imagesUn/{cid}.nii.gz"
-                _copy(self.root / rec["image"], dest / img_rel)
+                _copy(self._file(rec["image"], f"image of case {cid}"), dest / img_rel)
                 entries["unlabeled"].append({"image": img_rel})
         table = LabelTable.from_list(data["labels"])
         table.write_csv(dest / "labels.csv")

@@ -22,6 +22,7 @@ import SimpleITK as sitk
 from filelock import FileLock, Timeout
 
 from vocoslicer.errors import UserError
+from vocoslicer.ids import id_problem
 from vocoslicer.io.atomic import atomic_write_json
 
 FORMAT = "vocoslicer-cohort"
@@ -65,7 +66,25 @@ def validate_manifest(data: Any) -> str | None:
             return f"case {cid!r} is malformed"
         if not isinstance(case.get("labels"), list) or case.get("split") not in (*SPLITS, None):
             return f"case {cid!r} has malformed labels or split"
+        problem = id_problem(cid)
+        if problem:
+            return f"case id {cid!r} {problem}"
+        if not _plain_path(case["image"], "images"):
+            return f"case {cid!r}: image path {case['image']!r} is not a file directly inside images/"
+        for lv in case["labels"]:
+            if not isinstance(lv, dict) or not isinstance(lv.get("path"), str) or not lv["path"]:
+                return f"case {cid!r} has a label entry without a path"
+            if not _plain_path(lv["path"], "labels", cid):
+                return f"case {cid!r}: label path {lv['path']!r} is not a file directly inside labels/{cid}/"
     return None
+
+
+def _plain_path(rel: str, *folders: str) -> bool:
+    """A manifest path may only name a file in the cohort folder it belongs to (a received cohort is untrusted)."""
+    if "\\" in rel or rel.startswith("/"):
+        return False
+    parts = rel.split("/")
+    return tuple(parts[:-1]) == folders and id_problem(parts[-1]) is None
 
 
 def _read_json(path: Path) -> tuple[dict[str, Any] | None, str]:
@@ -100,6 +119,43 @@ def save_manifest(root: Path, data: dict[str, Any]) -> None:
         raise RuntimeError(f"refusing to write an invalid cohort manifest: {problem}")
     atomic_write_json(root / MANIFEST, data)
     atomic_write_json(root / BACKUP, data)
+
+
+def sweep_unreferenced(root: Path, data: dict[str, Any]) -> list[Path]:
+    """Delete what a killed writer left behind; call it holding the cohort lock, with the manifest just read.
+
+    Writers create files in ``images/`` and ``labels/<case>/`` only while they hold the lock, and reference them
+    in the manifest before releasing it, so under the lock any file there that neither the manifest nor its
+    backup copy references (stale ``.*.tmp.*`` files, complete images whose manifest write never happened) can
+    never become referenced. Only plain files directly in those folders and root-level manifest/labels temp
+    files are touched; links are unlinked, never followed; anything else is left alone.
+    """
+    keep: set[str] = set()
+    backup, _ = _read_json(root / BACKUP)
+    for manifest in (data, backup or {"cases": {}}):
+        for rec in manifest["cases"].values():
+            keep.add(rec["image"])
+            keep.update(lv["path"] for lv in rec["labels"])
+    doomed: list[Path] = []
+    images, labels = root / "images", root / "labels"
+    if images.is_dir() and not images.is_symlink():
+        doomed += [f for f in images.iterdir() if f"images/{f.name}" not in keep and (f.is_symlink() or f.is_file())]
+    if labels.is_dir() and not labels.is_symlink():
+        for d in labels.iterdir():
+            if d.is_symlink() or not d.is_dir():
+                continue
+            doomed += [f for f in d.iterdir()
+                       if f"labels/{d.name}/{f.name}" not in keep and (f.is_symlink() or f.is_file())]
+    doomed += [f for f in root.iterdir() if f.name.startswith((".manifest.", ".labels.")) and ".tmp" in f.name
+               and f.is_file() and not f.is_symlink()]
+    for f in doomed:
+        remove_quietly(f)
+    if labels.is_dir() and not labels.is_symlink():
+        for d in labels.iterdir():
+            if d.is_dir() and not d.is_symlink() and d.name not in data["cases"] and not any(d.iterdir()):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+    return doomed
 
 
 def image_hash(img: sitk.Image) -> str:

@@ -13,12 +13,15 @@ written into a temporary folder and renamed into place, so a cancelled finetune 
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import hashlib
+import io
 import json
+import math
 import os
 import shutil
-import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +30,8 @@ from typing import Any
 import torch
 
 from vocoslicer.errors import UserError
-from vocoslicer.io.atomic import atomic_write_json, atomic_write_text
+from vocoslicer.ids import check_id, id_problem, inside
+from vocoslicer.io.atomic import atomic_write_json, atomic_write_text, make_temp_dir
 from vocoslicer.labels import LabelTable
 
 BUNDLE_FORMAT = "vocoslicer-bundle/1"
@@ -125,7 +129,8 @@ class ModelBundle:
         """The weights file inside the bundle folder."""
         if self.path is None:
             raise UserError("bundle has not been saved: no weights file")
-        return self.path / str((self.meta.get("weights") or {}).get("file", "weights.safetensors"))
+        name = str((self.meta.get("weights") or {}).get("file", "weights.safetensors"))
+        return inside(self.path, check_id(name, f"{self.path}: weights file"), "weights file")
 
     def describe(self) -> str:
         """One line for logs and the CLI."""
@@ -135,6 +140,11 @@ class ModelBundle:
     def validate(self) -> None:
         """Check model.json for the mistakes that would otherwise surface deep inside inference."""
         src = str(self.path or self.id)
+        for what, value in (("model id", self.meta.get("id", "unnamed")), ("version", self.version)):
+            problem = id_problem(value)
+            if problem:
+                raise UserError(f"{src}: {what} {value!r} {problem}")
+        _check_settings(src, self.inference, self.preprocessing)
         if self.task not in TASKS:
             raise UserError(f"{src}: unknown task {self.task!r} (expected one of {', '.join(TASKS)})")
         name, args = self.architecture
@@ -172,29 +182,66 @@ class ModelBundle:
         mj = p / "model.json"
         if not mj.is_file():
             raise UserError(f"{p}: not a model bundle (no model.json)")
+        inside(p, mj, "model.json")
         try:
             meta = json.loads(mj.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"{mj}: unreadable model.json ({exc})") from None
         if not isinstance(meta, dict):
             raise UserError(f"{mj}: model.json must hold a JSON object")
-        labels = LabelTable.from_list(meta.get("labels", [])) if meta.get("labels") else LabelTable()
+        try:
+            labels = LabelTable.from_list(meta.get("labels", [])) if meta.get("labels") else LabelTable()
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{mj}: malformed labels list ({type(exc).__name__}: {exc})") from None
         bundle = cls(meta=meta, labels=labels, path=p)
         bundle.validate()
+        bundle._check_labels_csv()
         return bundle
+
+    def _check_labels_csv(self) -> None:
+        """labels.csv is what Slicer and people read, model.json what the engine uses: they must agree."""
+        assert self.path is not None
+        csv_path = self.path / "labels.csv"
+        if not csv_path.is_file():
+            return
+        inside(self.path, csv_path, "labels.csv")
+        if self.task == "classification":
+            try:
+                rows = list(csv.DictReader(io.StringIO(csv_path.read_text(encoding="utf-8"))))
+                names = [str(r["name"]) for r in sorted(rows, key=lambda r: int(r["index"]))]
+            except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise UserError(f"{csv_path}: unreadable class list ({type(exc).__name__})") from None
+            if names != self.classes:
+                raise UserError(f"{csv_path}: classes {names} disagree with model.json's {self.classes}")
+            return
+        table = LabelTable.read_csv(csv_path)
+        if table != self.labels:
+            ours = {lb.value: lb for lb in self.labels}
+            theirs = {lb.value: lb for lb in table}
+            diff = next((v for v in sorted(set(ours) | set(theirs)) if ours.get(v) != theirs.get(v)), None)
+            a, b = theirs.get(diff), ours.get(diff)
+            raise UserError(f"{csv_path}: disagrees with model.json at label value {diff} "
+                            f"(labels.csv: {a.name if a else 'absent'!r}{'' if a is None else ' ' + str(a.rgb)}, "
+                            f"model.json: {b.name if b else 'absent'!r}{'' if b is None else ' ' + str(b.rgb)})")
 
     def state_dict(self, verify: bool = True) -> dict[str, torch.Tensor]:
         """Read the weights, checking the recorded sha256 first (a truncated download fails here, clearly)."""
         wp = self.weights_path
         if not wp.is_file():
             raise UserError(f"{self.path}: weights file {wp.name} is missing")
+        if verify:
+            self._check_sha(wp)
+        return load_state_dict_file(wp)
+
+    def _check_sha(self, wp: Path) -> None:
+        if not wp.is_file():
+            raise UserError(f"{self.path}: weights file {wp.name} is missing")
         expected = (self.meta.get("weights") or {}).get("sha256")
-        if verify and expected:
+        if expected:
             actual = sha256_file(wp)
             if actual != expected:
                 raise UserError(f"{wp}: sha256 mismatch (file {actual[:12]}…, model.json {expected[:12]}…): "
                                 "the weights are corrupted or were replaced")
-        return load_state_dict_file(wp)
 
     def build_model(self, load_weights: bool = True, strict: bool = True) -> torch.nn.Module:
         """Rebuild the network from model.json and load its weights."""
@@ -211,6 +258,79 @@ class ModelBundle:
                                 f"(e.g. {miss[:2]}), {len(unexp)} unexpected (e.g. {unexp[:2]})")
         return model
 
+    def verify_loadable(self) -> None:
+        """Prove the bundle runs before it is installed: sha256, network build, weight shapes, one forward pass.
+
+        The network is built with its parameters on the ``meta`` device (no memory, even for VoCo-H) and the
+        forward pass runs on meta tensors, so wrong shapes, impossible architecture arguments and ROI sizes the
+        network cannot take are one-line errors at import instead of a traceback at the first segmentation.
+        """
+        from vocoslicer.models.catalog import parameters_on_meta
+        from vocoslicer.models.factory import build_model
+
+        src = str(self.path)
+        self._check_sha(self.weights_path)
+        name, args = self.architecture
+        try:
+            with parameters_on_meta(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = build_model(name, args)
+        except UserError as exc:
+            raise UserError(f"{src}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - builders reject bad arguments with assorted exception types
+            raise UserError(f"{src}: architecture {name!r} cannot be built with {args}: {_first_line(exc)}") from None
+        sd = self._weight_layout({n for n, _ in model.named_parameters()})
+        try:
+            with warnings.catch_warnings():  # "copying into a meta parameter is a no-op": that is the point here
+                warnings.simplefilter("ignore")
+                result = model.load_state_dict(sd, strict=False)
+        except RuntimeError as exc:  # size mismatches
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip().startswith("size mismatch")]
+            raise UserError(f"{src}: weights do not fit architecture {name}: "
+                            f"{(lines or [_first_line(exc)])[0][:200]}") from None
+        if self.meta.get("weights_subset") is None and (result.missing_keys or result.unexpected_keys):
+            miss, unexp = result.missing_keys, result.unexpected_keys
+            raise UserError(f"{src}: weights do not match architecture {name}: {len(miss)} missing "
+                            f"(e.g. {miss[:2]}), {len(unexp)} unexpected (e.g. {unexp[:2]})")
+        if self.task == "backbone":
+            return  # a backbone is only ever finetuned into another network, which checks its own input size
+        inf = self.inference
+        size = [int(v) for v in (inf.get("input_size") or inf["roi_size"])]
+        x = torch.empty(1, int(args.get("in_channels", 1)), *size, device="meta")
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                y = model.eval()(x)
+        except NotImplementedError:
+            return  # an operator without a meta kernel: the shapes above were still checked
+        except Exception as exc:  # noqa: BLE001 - the network's own complaint about the input size
+            raise UserError(f"{src}: the network cannot take its ROI size {size}: {_first_line(exc)}") from None
+        if self.task == "segmentation":
+            want = (1, len(self.channel_values), *size)
+        else:
+            want = (1, len(self.classes))
+        if tuple(y.shape) != want:
+            raise UserError(f"{src}: at ROI size {size} the network outputs shape {list(y.shape)}, expected "
+                            f"{list(want)}")
+
+    def _weight_layout(self, params: set[str]) -> dict[str, torch.Tensor]:
+        """The weights with ``params`` as meta tensors of the right shapes: a 4.6 GB file is never loaded.
+
+        Buffers (index tables such as Swin's ``relative_position_index``) are read for real: the meta forward
+        pass indexes with them, and they are small.
+        """
+        wp = self.weights_path
+        if wp.suffix != ".safetensors":
+            return {k: v.to("meta") if k in params else v for k, v in self.state_dict(verify=False).items()}
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(wp), framework="pt") as fh:
+                return {k: torch.empty(fh.get_slice(k).get_shape(), device="meta") if k in params
+                        else fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+        except Exception as exc:  # noqa: BLE001 - a damaged header is a bad file for the user
+            raise UserError(f"{wp}: cannot load weights ({type(exc).__name__}: {_first_line(exc)})") from None
+
     # ----------------------------------------------------------------- saving
     def save(self, out_dir: str | os.PathLike[str], state_dict: dict[str, torch.Tensor],
              dtype: torch.dtype | None = None, card: str | None = None, overwrite: bool = False) -> Path:
@@ -221,12 +341,13 @@ class ModelBundle:
         if out.exists() and not overwrite:
             raise UserError(f"{out}: already exists (choose another output or allow overwriting)")
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        tmp = make_temp_dir(out.parent, prefix=f".{out.name}.", suffix=".tmp")
         try:
             tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu()
                        .contiguous() for k, v in state_dict.items()}
             wfile = tmp / "weights.safetensors"
             save_file(tensors, str(wfile))
+            os.chmod(wfile, tmp.stat().st_mode & 0o666)  # safetensors writes 0600; the folder carries the umask
             meta = dict(self.meta)
             meta.setdefault("format", BUNDLE_FORMAT)
             meta.setdefault("created", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
@@ -261,6 +382,32 @@ class ModelBundle:
         return out
 
 
+def _first_line(exc: BaseException) -> str:
+    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
+
+
+def _positive_ints(value: Any, n: int = 3) -> bool:
+    return (isinstance(value, list | tuple) and len(value) == n
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 4096 for v in value))
+
+
+def _check_settings(src: str, inf: dict[str, Any], pre: dict[str, Any]) -> None:
+    """Inference and preprocessing values a bundle carries: checked once at load, not deep inside inference."""
+    for key in ("roi_size", "input_size"):
+        if key in inf and inf[key] is not None and not _positive_ints(inf[key]):
+            raise UserError(f"{src}: inference {key} must be three positive integers, got {inf[key]!r}")
+    ov = inf.get("overlap", 0.5)
+    if not isinstance(ov, int | float) or isinstance(ov, bool) or not 0.0 <= float(ov) < 1.0:
+        raise UserError(f"{src}: inference overlap must be a number in [0, 1), got {ov!r}")
+    bs = inf.get("sw_batch_size", 1)
+    if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
+        raise UserError(f"{src}: inference sw_batch_size must be a positive integer, got {bs!r}")
+    sp = pre.get("spacing")
+    if sp is not None and not (isinstance(sp, list | tuple) and len(sp) == 3 and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in sp)):
+        raise UserError(f"{src}: preprocessing spacing must be three positive finite numbers, got {sp!r}")
+
+
 def _extract_zip(zpath: Path) -> Path:
     """Unpack a zipped bundle next to the VoCoSlicer cache (keyed by content hash, so it happens once)."""
     from vocoslicer.paths import cache_dir
@@ -269,19 +416,28 @@ def _extract_zip(zpath: Path) -> Path:
     dest = cache_dir() / "bundles" / digest
     if (dest / "model.json").is_file():
         return dest
-    tmp = Path(tempfile.mkdtemp(prefix=".unzip.", dir=dest.parent if dest.parent.exists() else None))
+    return unzip_bundle(zpath, dest)
+
+
+def unzip_bundle(zpath: Path, dest: Path) -> Path:
+    """Unpack the bundle inside a zip into ``dest`` (which must not exist yet); every member must stay inside."""
+    import zlib
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(dest.parent, prefix=".unzip.", suffix=".tmp")
     try:
         with zipfile.ZipFile(zpath) as zf:
             for member in zf.namelist():
                 target = (tmp / member).resolve()
-                if not str(target).startswith(str(tmp.resolve())):
+                if "\\" in member or not target.is_relative_to(tmp.resolve()):
                     raise UserError(f"{zpath}: unsafe path in zip: {member}")
             zf.extractall(tmp)
-        roots = list(tmp.rglob("model.json"))
+        roots = sorted(tmp.rglob("model.json"), key=lambda q: len(q.parts))
         if not roots:
             raise UserError(f"{zpath}: the zip holds no model.json")
-        dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(roots[0].parent, dest)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, NotImplementedError) as exc:
+        raise UserError(f"{zpath}: damaged zip ({type(exc).__name__}: {_first_line(exc)})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

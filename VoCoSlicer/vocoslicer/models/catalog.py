@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from vocoslicer.errors import UserError
+from vocoslicer.ids import id_problem
 from vocoslicer.labels import LabelTable
 from vocoslicer.models.checkpoints import LoadReport, prepare_official, read_checkpoint
 from vocoslicer.paths import resources_dir
@@ -57,6 +58,10 @@ class CatalogEntry:
         missing = [k for k in ("id", "version", "url", "filename", "task", "architecture") if not d.get(k)]
         if missing:
             raise UserError(f"{origin}: catalog entry {d.get('id', '?')!r} lacks {', '.join(missing)}")
+        for key in ("id", "version", "filename"):  # each becomes a file or folder name under the models home
+            problem = id_problem(d[key])
+            if problem:
+                raise UserError(f"{origin}: catalog entry {key} {d[key]!r} {problem}")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -128,7 +133,8 @@ _META_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
+def parameters_on_meta() -> Iterator[None]:
+    """Register every new parameter on the ``meta`` device while the block runs (shapes without memory)."""
     # Parameters are moved to the meta device as they are registered: shapes without memory (an H model would
     # need 4.6 GB). ``with torch.device("meta")`` is not enough because MONAI calls .item() while building.
     original = torch.nn.Module.register_parameter
@@ -150,7 +156,7 @@ def target_state(arch_name: str, args: dict[str, Any]) -> dict[str, torch.Tensor
     """The state dict layout (names, shapes, dtypes; parameters on ``meta``) of an architecture."""
     from vocoslicer.models.factory import build_model
 
-    with _parameters_on_meta():
+    with parameters_on_meta():
         return build_model(arch_name, args).state_dict()
 
 

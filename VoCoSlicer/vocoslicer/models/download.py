@@ -156,15 +156,31 @@ def downloads_dir() -> Path:
 
 
 def install_dir(model_id: str, version: str) -> Path:
-    """Final folder of an installed bundle (the lead's registry layout ``<id>/<version>``)."""
-    return models_dir() / model_id / version
+    """Final folder of an installed bundle (the lead's registry layout ``<id>/<version>``), both parts validated."""
+    from vocoslicer.models.registry import install_path
+
+    return install_path(model_id, version)
+
+
+def _convert_and_install(checkpoint: Path, force: bool, **kwargs: Any) -> tuple[Any, Any]:
+    """Convert a checkpoint into a staging folder, then install it through the registry (verified, atomic)."""
+    from vocoslicer.models.catalog import checkpoint_to_bundle
+    from vocoslicer.models.registry import install, staging_dir
+
+    stage = staging_dir()
+    try:
+        _, report = checkpoint_to_bundle(checkpoint, stage / "bundle", **kwargs)
+        installed = install(stage / "bundle", overwrite=force, move=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return installed, report
 
 
 def install_from_catalog(key: str, events: EventSink = NULL_SINK, bar: ProgressBar | None = None,
                          force: bool = False, keep_download: bool = False,
                          cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
     """``models download ID``: download, verify, convert into a bundle and install it; returns a summary."""
-    from vocoslicer.models.catalog import checkpoint_to_bundle, find_entry, load_catalog
+    from vocoslicer.models.catalog import find_entry, load_catalog
 
     entries = load_catalog()
     entry = find_entry(key, entries)
@@ -190,8 +206,8 @@ def install_from_catalog(key: str, events: EventSink = NULL_SINK, bar: ProgressB
     events.progress(0, 1, stage=f"converting {entry.filename} into a model bundle")
     error: str | None = None
     try:
-        bundle, report = checkpoint_to_bundle(raw, target, entry=entry, source_sha256=result.sha256,
-                                              sha256_verified=result.verified, overwrite=force)
+        bundle, report = _convert_and_install(raw, force, entry=entry, source_sha256=result.sha256,
+                                              sha256_verified=result.verified)
     except UserError as exc:
         error = str(exc)
     # after the except block (its traceback would keep the memory-mapped tensors alive, and Windows cannot delete
@@ -211,36 +227,31 @@ def install_from_catalog(key: str, events: EventSink = NULL_SINK, bar: ProgressB
 def import_path(path: str | os.PathLike[str], model_id: str | None = None, version: str | None = None,
                 labels_csv: str | None = None, force: bool = False, events: EventSink = NULL_SINK
                 ) -> dict[str, Any]:
-    """``models import PATH``: install a bundle folder/zip, or convert and install an official checkpoint."""
-    from vocoslicer.labels import LabelTable
-    from vocoslicer.models.bundle import ModelBundle, sha256_file
-    from vocoslicer.models.catalog import checkpoint_to_bundle, find_entry
+    """``models import PATH``: install a bundle folder/zip, or convert and install an official checkpoint.
 
+    Ids and versions (flags or model.json) are validated before anything touches the disk, and the bundle is
+    verified in a staging folder inside the models home (removed on any failure) before it is renamed in.
+    """
+    from vocoslicer.ids import check_id
+    from vocoslicer.labels import LabelTable
+    from vocoslicer.models.bundle import sha256_file
+    from vocoslicer.models.catalog import find_entry
+    from vocoslicer.models.registry import install
+
+    if model_id is not None:
+        check_id(model_id, "--id")
+    if version is not None:
+        check_id(version, "--version")
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{p}: no such file or folder")
     is_bundle = p.is_dir() or (p.suffix == ".zip")
     if is_bundle:
-        bundle = ModelBundle.load(p)
-        if model_id or version:
-            bundle = ModelBundle(meta={**bundle.meta, "id": model_id or bundle.id,
-                                       "version": version or bundle.version}, labels=bundle.labels, path=bundle.path)
-        target = install_dir(bundle.id, bundle.version)
-        if target.exists() and not force:
-            raise UserError(f"model {bundle.id}@{bundle.version} is already installed ({target}); use --force")
-        tmp = target.with_name(f".{target.name}.import")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(bundle.path, tmp)  # type: ignore[arg-type]
-        if model_id or version:
-            from vocoslicer.io.atomic import atomic_write_json
-
-            atomic_write_json(tmp / "model.json", bundle.meta)
-        ModelBundle.load(tmp).state_dict()  # verifies the weights' sha256 before anything is installed
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        events.artifact(target, "model", id=bundle.id, version=bundle.version)
-        return {"id": bundle.id, "version": bundle.version, "path": str(target), "status": "installed"}
+        override = {k: v for k, v in (("id", model_id), ("version", version)) if v is not None}
+        installed = install(p, overwrite=force, meta=override or None)
+        events.artifact(installed.path, "model", id=installed.id, version=installed.version)
+        return {"id": installed.id, "version": installed.version, "path": str(installed.path),
+                "status": "installed"}
     if p.suffix not in (".pt", ".pth", ".ckpt", ".safetensors"):
         raise UserError(f"{p}: import takes a bundle folder or .zip, or a .pt/.pth/.safetensors checkpoint")
     entry = None if model_id else find_entry(p.name)
@@ -251,14 +262,14 @@ def import_path(path: str | os.PathLike[str], model_id: str | None = None, versi
         raise UserError(f"{p}: sha256 {digest[:16]}… differs from the catalog's for {entry.id}; not installed")
     mid = model_id or (entry.id if entry is not None else p.name.split(".")[0].lower().replace("_", "-"))
     ver = version or (entry.version if entry is not None else "1.0.0")
-    target = install_dir(mid, ver)
+    target = install_dir(check_id(mid, "model id (from the file name; pass --id)"), ver)
     if target.exists() and not force:
         raise UserError(f"model {mid}@{ver} is already installed ({target}); use --force")
-    bundle, report = checkpoint_to_bundle(p, target, entry=entry, model_id=mid, version=ver, labels=labels,
-                                          source_sha256=digest, sha256_verified=verified, overwrite=force)
+    bundle, report = _convert_and_install(p, force, entry=entry, model_id=mid, version=ver, labels=labels,
+                                          source_sha256=digest, sha256_verified=verified)
     events.log(report.summary())
     events.artifact(target, "model", id=mid, version=ver)
-    return {"id": mid, "version": ver, "path": str(target), "status": "installed", "task": bundle.task,
+    return {"id": mid, "version": ver, "path": str(bundle.path), "status": "installed", "task": bundle.task,
             "load_report": report.summary(), "sha256": digest, "sha256_verified": verified}
 
 
@@ -268,6 +279,6 @@ def remove_installed(spec: str) -> dict[str, Any]:
 
     path = remove(spec)
     with contextlib.suppress(OSError):
-        if path.parent != models_dir() and not any(path.parent.iterdir()):
+        if path.parent != models_dir().resolve() and not any(path.parent.iterdir()):
             path.parent.rmdir()
     return {"removed": spec, "path": str(path)}

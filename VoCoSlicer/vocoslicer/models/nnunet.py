@@ -94,7 +94,7 @@ def nnunet_class() -> type:
                 first: dict[int, str] = {}
                 out: dict[str, str] = {}
                 for key in sorted(full, key=lambda k: ("all_modules." in k, k.startswith("decoder.encoder."), k)):
-                    ptr = full[key].data_ptr()
+                    ptr = id(full[key])  # the same Parameter object; data_ptr() is 0 for every tensor on meta
                     if ptr in first:
                         out[key] = first[ptr]
                     else:

@@ -12,10 +12,13 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from vocoslicer.contracts.models import DEMO_MODEL_ID
 from vocoslicer.contracts.models import version_key as _version_key
 from vocoslicer.errors import UserError
+from vocoslicer.ids import check_id, inside
+from vocoslicer.io.atomic import atomic_write_json, make_temp_dir
 from vocoslicer.models.bundle import ModelBundle
 from vocoslicer.paths import cache_dir, models_dir, resources_dir
 
@@ -29,8 +32,8 @@ def installed() -> list[ModelBundle]:
     """Every installed bundle (all versions) plus the demo model, newest version first per id."""
     out: list[ModelBundle] = []
     root = models_dir()
-    for id_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        versions = sorted((p for p in id_dir.iterdir() if (p / "model.json").is_file()),
+    for id_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")):
+        versions = sorted((p for p in id_dir.iterdir() if not p.is_symlink() and (p / "model.json").is_file()),
                           key=lambda p: _version_key(p.name), reverse=True)
         for vdir in versions:
             try:
@@ -108,24 +111,90 @@ def checkpoint_bundle(path: str | os.PathLike[str]) -> ModelBundle:
     return ModelBundle.load(bundle.path)
 
 
-def install(bundle_dir: str | os.PathLike[str], overwrite: bool = False) -> ModelBundle:
-    """Copy a saved bundle into the models folder under ``<id>/<version>`` (atomic rename) and return it."""
+def install_path(model_id: str, version: str | None = None) -> Path:
+    """``<models>/<id>[/<version>]`` after validating both parts (the only way to name an installed folder)."""
+    parts = [check_id(model_id, "model id")]
+    if version is not None:
+        parts.append(check_id(version, "model version"))
+    return inside(models_dir(), Path(*parts), "model folder")
+
+
+def staging_dir() -> Path:
+    """A fresh folder inside the models home for building a bundle before it is installed (hidden from listings)."""
+    return make_temp_dir(models_dir() / ".staging", prefix=".", suffix=".stage")
+
+
+def _copy_bundle_files(src: Path, dst: Path) -> None:
+    """Copy a bundle folder file by file, refusing links that lead out of it (they would copy foreign files in)."""
+    root = src.resolve()
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        for d in dirs:
+            if (here / d).is_symlink():
+                raise UserError(f"{here / d}: a model bundle may not contain linked folders")
+            (dst / (here / d).relative_to(root)).mkdir(exist_ok=True)
+        for f in files:
+            real = inside(root, here / f, "bundle file")
+            shutil.copyfile(real, dst / (here / f).relative_to(root))
+
+
+def install(bundle_dir: str | os.PathLike[str], overwrite: bool = False, meta: dict[str, Any] | None = None,
+            move: bool = False) -> ModelBundle:
+    """Install a bundle under ``<id>/<version>`` and return it; nothing is installed unless it fully loads.
+
+    The bundle is staged next to its final place (copied, or renamed when ``move`` and the source is a staging
+    folder we own), ``meta`` overrides model.json fields (``models import --id/--version``), the staged copy is
+    verified (weights sha256, network built on the meta device, every weight shape, one meta forward at the
+    ROI size), and only then renamed into place. On any failure the staging folder is removed.
+    """
+    if Path(bundle_dir).is_file() and zipfile.is_zipfile(bundle_dir):  # unpack into staging, not the cache
+        from vocoslicer.models.bundle import unzip_bundle
+
+        stage = staging_dir()
+        try:
+            unzip_bundle(Path(bundle_dir), stage / "bundle")
+            return install(stage / "bundle", overwrite=overwrite, meta=meta, move=True)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     src = ModelBundle.load(bundle_dir)
-    dest = models_dir() / src.id / src.version
-    if dest.exists():
-        if not overwrite:
-            raise UserError(f"model {src.id}@{src.version} is already installed ({dest})")
-        shutil.rmtree(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src.path, tmp)  # type: ignore[arg-type]
-    os.replace(tmp, dest)
+    if meta:
+        src = ModelBundle(meta={**src.meta, **meta}, labels=src.labels, path=src.path)
+    dest = install_path(src.id, src.version)
+    if dest.exists() and not overwrite:
+        raise UserError(f"model {src.id}@{src.version} is already installed ({dest}); use --force to replace it")
+    assert src.path is not None
+    tmp = staging_dir()
+    old = None
+    try:
+        if move:
+            tmp.rmdir()
+            os.replace(src.path, tmp)
+        else:
+            _copy_bundle_files(src.path, tmp)
+        if meta:
+            atomic_write_json(tmp / "model.json", src.meta)
+        ModelBundle.load(tmp).verify_loadable()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():  # swap: the old version stays complete until the new one is in place
+            old = make_temp_dir(models_dir() / ".staging", prefix=".", suffix=".old")
+            os.replace(dest, old / "bundle")
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not dest.exists() and (old / "bundle").exists():
+            os.replace(old / "bundle", dest)
+        if not dest.exists() and dest.parent.is_dir() and not any(dest.parent.iterdir()):
+            dest.parent.rmdir()
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return ModelBundle.load(dest)
 
 
 def next_version(model_id: str, base: str = "1.0.0") -> str:
     """The next free patch-level version for ``model_id`` (finetunes create new versions, never overwrite)."""
+    check_id(model_id, "model id")
     versions = [b.version for b in installed() if b.id == model_id]
     if not versions:
         return base
@@ -136,9 +205,9 @@ def next_version(model_id: str, base: str = "1.0.0") -> str:
 
 def remove(spec: str) -> Path:
     """Delete an installed ``ID@VERSION`` (or every version of ``ID``); the demo model cannot be removed."""
-    model_id, _, version = spec.partition("@")
-    target = models_dir() / model_id / version if version else models_dir() / model_id
-    if not target.exists() or not model_id:
+    model_id, sep, version = spec.partition("@")
+    target = install_path(model_id, version if sep else None)
+    if not target.is_dir():
         raise UserError(f"model {spec!r} is not installed")
     shutil.rmtree(target)
     return target

@@ -57,7 +57,7 @@ class InitModel:
         """A finetuned bundle keeps its parent's id (a new version); otherwise it is named after the cohort."""
         if self.kind == "bundle" and self.parent:
             return str(self.parent["id"])
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in cohort_name) or "cohort"
+        safe = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "-_" else "-" for ch in cohort_name) or "cohort"
         return f"finetuned-{safe}"
 
     def bundle_meta(self, model_id: str, version: str, roi: Sequence[int], training: dict[str, Any]
