@@ -3,6 +3,7 @@
 from vocoslicer.io.atomic import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
 from vocoslicer.io.volume import (
     VOLUME_EXTENSIONS,
+    check_output_path,
     geometry,
     list_dicom_series,
     read_image,
@@ -16,6 +17,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_output_path",
     "geometry",
     "list_dicom_series",
     "read_image",
