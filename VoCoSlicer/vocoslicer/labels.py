@@ -127,7 +127,10 @@ class LabelTable:
     @classmethod
     def from_csv_text(cls, text: str, source: str = "labels CSV") -> LabelTable:
         """Parse CSV text; only ``value`` and ``name`` columns are required."""
-        rows = list(csv.DictReader(io.StringIO(text)))
+        try:
+            rows = list(csv.DictReader(io.StringIO(text)))
+        except csv.Error as exc:
+            raise UserError(f"{source}: not a readable CSV table ({exc})") from None
         if rows and not {"value", "name"} <= set(rows[0]):
             raise UserError(f"{source}: needs at least the columns value,name")
         labels = []
@@ -139,6 +142,8 @@ class LabelTable:
                 raise UserError(f"{source}: line {i}: value and r,g,b must be integers") from None
             if value == 0:
                 continue
+            if not (row.get("name") or "").strip():
+                raise UserError(f"{source}: line {i}: label {value} has no name")
             labels.append(Label(value, row["name"].strip(), rgb,  # type: ignore[arg-type]
                                 *((row.get(k) or "").strip() for k in CSV_COLUMNS[5:])))
         return cls(tuple(labels))
@@ -149,4 +154,11 @@ class LabelTable:
         p = Path(path)
         if not p.is_file():
             raise UserError(f"{p}: no such labels file")
-        return cls.from_csv_text(p.read_text(encoding="utf-8"), str(p))
+        try:
+            text = p.read_text(encoding="utf-8-sig")  # a BOM (Excel's "CSV UTF-8") is fine
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{p}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                            "save the labels table as UTF-8") from None
+        except OSError as exc:
+            raise UserError(f"{p}: cannot read the labels file ({exc.strerror or exc})") from None
+        return cls.from_csv_text(text, str(p))

@@ -30,7 +30,28 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep only the largest connected component of each label (removes stray islands)")
     p.add_argument("--truth", default=None, help="ground-truth label map: print per-label Dice after segmenting")
     add_events_flag(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, validate=validate)
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Argument checks before any work (a 20 s inference must not end in "cannot write"): overlap, device, the
+    output (format, folder, not the input, its .labels.csv not a folder)."""
+    import math
+    from pathlib import Path
+
+    from vocoslicer.commands._jobsetup import check_device
+    from vocoslicer.infer.segment import labels_csv_path
+    from vocoslicer.io import check_output_path
+
+    if args.overlap is not None and not (math.isfinite(args.overlap) and 0 <= args.overlap < 1):
+        raise UserError(f"--overlap must be in [0, 1), got {args.overlap}")
+    check_device(args.device)
+    if not Path(args.input).exists():
+        raise UserError(f"{args.input}: no such file or folder")
+    check_output_path(args.output, inputs=[args.input, *([args.truth] if args.truth else [])],
+                      sidecars=[labels_csv_path(args.output)])
+    if args.truth and not Path(args.truth).is_file():
+        raise UserError(f"--truth {args.truth}: no such file")
 
 
 def run(args: argparse.Namespace) -> int:
