@@ -244,6 +244,29 @@ TABLE: list[Case] = [
     Case("run_dir_after_command_bad_input", ("segment", "{case}/missing.nii.gz", "-o", "{case}/s.nii.gz",
                                              "--run-dir", "{case}/rd"), match="no such file"),
     Case("run_dir_before_command_bad_lr", ("--run-dir", "{case}/rd", *FT, "--lr", "nan"), match="--lr"),
+    # the rest of the sweep: other unusable images, options and command lines
+    _seg("not_an_image", lambda c: _text(c / "afile"), "cannot read image"),
+    _seg("single_slice", lambda c: _write(ct_volume(shape=(1, 24, 24)), c / "slice.nii.gz"), "expected a 3D image"),
+    _seg("nan_voxels", lambda c: _write(_with_nan(ct_volume()), c / "nan.nii.gz"), "NaN or infinite"),
+    _seg("vector_image", lambda c: _write(sitk.Compose([ct_volume()] * 3), c / "rgb.nrrd"), "scalar image"),
+    Case("dicom_unknown_series", (*SEG, "--series", "9.9.9"), lambda c: _dicom_dir(c / "dcm"), match="no series"),
+    Case("segment_truth_missing", (*SEG[:1], "{ct}", *SEG[2:], "--truth", "{case}/nope.nii.gz"), match="--truth"),
+    Case("classify_output_txt", ("classify", "{ct}", "--model", "{cls}", "-o", "{case}/p.txt"),
+         match="unsupported output format"),
+    Case("finetune_steps_zero", (*FT, "--steps", "0"), match="--steps"),
+    Case("finetune_confidence_zero", (*FT, "--confidence", "0"), match="--confidence"),
+    Case("finetune_semi_start_above_one", (*FT, "--semi-start", "1.5"), match="--semi-start"),
+    Case("finetune_roi_not_multiple_of_32", (*FT, "--roi", "30"), match="--roi"),
+    Case("finetune_semi_weight_nan", (*FT, "--semi-weight", "nan"), match="--semi-weight"),
+    Case("finetune_missing_init", (*FT[:4], "{case}/nope", *FT[5:]), match="nope"),
+    Case("voco_grid_zero", (*VOCO, "--grid", "0"), match="--grid"),
+    Case("voco_weight_decay_inf", (*VOCO, "--weight-decay", "inf"), match="--weight-decay"),
+    Case("serve_without_stdio", ("serve",), match="--stdio"),
+    Case("serve_cache_size_zero", ("serve", "--stdio", "--cache-size", "0"), match="--cache-size"),
+    Case("run_dir_is_a_file", ("--run-dir", "{in}", "segment", "{ct}", "-o", "{case}/s.nii.gz", "--model",
+                               "{bundle}"), lambda c: _text(c / "afile"), match="cannot create the run directory"),
+    Case("events_bogus", ("segment", "{ct}", "-o", "{case}/s.nii.gz", "--events", "bogus"), match="--events"),
+    Case("unknown_command", ("segmnet", "{ct}"), match="invalid choice"),
     # item 14 and the papercut: runs that succeed, with one warning line for what is not CT
     Case("segment_mr_like_warns", SEG, lambda c: _write(ct_volume(values=(0, 1000)), c / "mr.nii.gz"), code=0,
          match="do not look like CT", may_write=("seg.nii.gz", "seg.labels.csv"), slow=True),
@@ -252,6 +275,19 @@ TABLE: list[Case] = [
     Case("segment_run_dir_after_command", (*SEG[:1], "{ct}", *SEG[2:], "--run-dir", "{case}/rd"), code=0,
          may_write=("seg.nii.gz", "seg.labels.csv", "rd"), slow=True),
 ]
+
+
+def _with_nan(img: sitk.Image) -> sitk.Image:
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    arr[3, 4, 5] = np.nan
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(img)
+    return out
+
+
+def _dicom_dir(d: Path) -> Path:
+    dicom(d)
+    return d
 
 
 def _mkdir(p: Path) -> Path:
@@ -337,8 +373,12 @@ def run_case(case: Case, world: dict[str, str], case_dir: Path) -> tuple[subproc
                        timeout=300)
     after = snapshot(case_dir, Path(world["root"]))
     allowed = [str(case_dir / w) for w in case.may_write]
+    home = str(case_dir / "home")
+    # the VoCoSlicer home and its standard folders are created on first use by any command (vocoslicer.paths):
+    # empty folders there are not "left behind"; a file there is
     changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p)
-                     and not any(p == a or p.startswith(a + os.sep) for a in allowed))
+                     and not any(p == a or p.startswith(a + os.sep) for a in allowed)
+                     and not ((p == home or p.startswith(home + os.sep)) and after.get(p, (False,))[0]))
     return r, changed
 
 

@@ -74,8 +74,10 @@ def _job_options_after_command(parser: argparse.ArgumentParser) -> None:
 def _route_library_output(verbose: bool) -> None:
     """Library warnings (Python ``warnings``: torch, MONAI; native output captured by vocoslicer.io.native) go to
     the job log, and to the terminal only with ``--verbose``: the user sees one line per problem, ours."""
+    from vocoslicer.io.native import install_itk_logger
     from vocoslicer.jobs.runner import LIBRARY_LOGGERS
 
+    install_itk_logger()
     logging.captureWarnings(True)
     for name in LIBRARY_LOGGERS:
         lg = logging.getLogger(name)

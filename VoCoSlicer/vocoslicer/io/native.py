@@ -59,3 +59,43 @@ def native_output_to_log(what: str = "") -> Iterator[Captured]:
             cap.text = tmp.read().decode("utf-8", "replace")
             for line in cap.lines():
                 log.warning("%s%s", f"{what}: " if what else "", line)
+
+
+_itk_logger = None  # kept referenced: ITK holds only a raw pointer to the global logger
+
+
+def install_itk_logger() -> None:
+    """Route ITK's output window (warnings of any filter, not only readers) to the ``vocoslicer.lib`` logger.
+
+    Called by the CLI, never on import: a host application (Slicer) keeps its own ITK output handling.
+    """
+    global _itk_logger
+    if _itk_logger is not None:
+        return
+    import SimpleITK as sitk
+
+    class _ITKToLogging(sitk.LoggerBase):
+        """One log record per ITK message (its multi-line text joined)."""
+
+        def _emit(self, level: int, text: str) -> None:
+            lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+            if lines:
+                log.log(level, "ITK: %s", " | ".join(lines))
+
+        def DisplayText(self, t: str) -> None:  # noqa: N802 - ITK's method names
+            self._emit(logging.INFO, t)
+
+        def DisplayErrorText(self, t: str) -> None:  # noqa: N802
+            self._emit(logging.ERROR, t)
+
+        def DisplayWarningText(self, t: str) -> None:  # noqa: N802
+            self._emit(logging.WARNING, t)
+
+        def DisplayGenericOutputText(self, t: str) -> None:  # noqa: N802
+            self._emit(logging.INFO, t)
+
+        def DisplayDebugText(self, t: str) -> None:  # noqa: N802
+            self._emit(logging.DEBUG, t)
+
+    _itk_logger = _ITKToLogging()
+    _itk_logger.SetAsGlobalITKLogger()
