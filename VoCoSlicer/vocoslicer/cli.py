@@ -3,6 +3,10 @@
 Subcommands live in :mod:`vocoslicer.commands` (one module each, discovered at start-up). Every error the user
 can cause ends as one line on stderr and exit code 2; an unexpected failure prints one line (exit 1) and, with
 ``--debug``, the traceback.
+
+A command may set a ``validate`` default next to ``func``: it runs before the job starts, so an argument error
+leaves nothing behind (no run folder, no ``events.jsonl``). Library output (Python warnings, ITK/GDCM/MetaIO text,
+nibabel) goes to the job's ``log.txt``, and to the terminal only with ``--verbose``.
 """
 
 from __future__ import annotations
