@@ -96,13 +96,16 @@ def test_worker_survives_every_malformed_request(inputs: dict[str, Path]) -> Non
              json.dumps({"id": "seg", "op": "segment", "input": str(inputs["ct"]), "model": str(inputs["seg"]),
                          "output": str(inputs["tmp"] / "seg.nii.gz")}),
              json.dumps({"id": "bye", "op": "shutdown"})]
-    env = {**os.environ, "VOCOSLICER_HOME": str(inputs["tmp"] / "home"), "OMP_NUM_THREADS": "1"}
-    stdin = "\n".join([line for line, _ in bad] + valid) + "\n"
+    # strict decoding as in a UTF-8 locale (the C locale would hide a non-UTF-8 line behind surrogateescape)
+    env = {**os.environ, "VOCOSLICER_HOME": str(inputs["tmp"] / "home"), "OMP_NUM_THREADS": "1",
+           "PYTHONIOENCODING": "utf-8:strict"}
+    bad.insert(1, ("\udcff", "not UTF-8"))  # sent as the raw byte 0xff
+    stdin = ("\n".join([line for line, _ in bad] + valid) + "\n").encode("utf-8", "surrogateescape")
     r = subprocess.run([sys.executable, "-m", "vocoslicer", "serve", "--stdio", "--device", "cpu"], input=stdin,
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+                       capture_output=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
     finals = []
-    for line in r.stdout.splitlines():
+    for line in r.stdout.decode().splitlines():
         msg = json.loads(line)  # stdout carries protocol lines only
         if msg["kind"] in ("result", "error"):
             finals.append(msg)

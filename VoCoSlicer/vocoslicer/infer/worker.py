@@ -309,4 +309,6 @@ def serve_stdio(device: str = "auto", cache_size: int = 2) -> int:
     # line-buffered protocol output even when stdout is a pipe
     with contextlib.suppress(AttributeError, ValueError):
         stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    with contextlib.suppress(AttributeError, ValueError):  # a non-UTF-8 line is a bad request, not a dead worker
+        sys.stdin.reconfigure(errors="replace")  # type: ignore[union-attr]
     return Worker(sys.stdin, stdout, device, cache_size).serve()
