@@ -3,6 +3,10 @@
 Subcommands live in :mod:`vocoslicer.commands` (one module each, discovered at start-up). Every error the user
 can cause ends as one line on stderr and exit code 2; an unexpected failure prints one line (exit 1) and, with
 ``--debug``, the traceback.
+
+A command may set a ``validate`` default next to ``func``: it runs before the job starts, so an argument error
+leaves nothing behind (no run folder, no ``events.jsonl``). Library output (Python warnings, ITK/GDCM/MetaIO text,
+nibabel) goes to the job's ``log.txt``, and to the terminal only with ``--verbose``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import pkgutil
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from vocoslicer import __version__, config
 from vocoslicer.errors import EXIT_CRASH, EXIT_USER, Cancelled, VoCoError
@@ -46,7 +51,52 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(f"vocoslicer.commands.{info.name}")
         module.register(sub)
+    _job_options_after_command(parser)
     return parser
+
+
+def _job_options_after_command(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--run-dir`` / ``--events`` after the command too (``vocoslicer segment ... --run-dir R``).
+
+    Every subcommand gets copies with ``default=SUPPRESS``: given there they win, not given they leave the
+    top-level value alone. A command with its own ``--events`` (segment, classify) keeps it; the job reads both.
+    """
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sp in set(action.choices.values()):
+            if "--run-dir" not in sp._option_string_actions:
+                sp.add_argument("--run-dir", dest="job_run_dir", type=Path, metavar="DIR", default=argparse.SUPPRESS,
+                                help="run as a job (same as the global --run-dir)")
+            if "--events" not in sp._option_string_actions:
+                sp.add_argument("--events", dest="job_events", choices=("none", "stdout"),
+                                default=argparse.SUPPRESS, help="job events as JSON lines on stdout (as the global "
+                                                                "--events)")
+            _job_options_after_command(sp)
+
+
+def _route_library_output(verbose: bool) -> None:
+    """Library warnings (Python ``warnings``: torch, MONAI; native output captured by vocoslicer.io.native) go to
+    the job log, and to the terminal only with ``--verbose``: the user sees one line per problem, ours."""
+    from vocoslicer.io.native import install_itk_logger
+    from vocoslicer.jobs.runner import LIBRARY_LOGGERS
+
+    install_itk_logger()
+    logging.captureWarnings(True)
+    for name in LIBRARY_LOGGERS:
+        lg = logging.getLogger(name)
+        lg.propagate = False
+        if not lg.handlers:
+            lg.addHandler(logging.NullHandler())
+        if verbose:
+            h = logging.StreamHandler(sys.stderr)
+            h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            lg.addHandler(h)
+
+
+def _one_line(exc: VoCoError) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,6 +112,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER
+    _route_library_output(args.verbose)
+    validate = getattr(args, "validate", None)
+    if validate is not None:  # argument errors before the run folder (run.json, events.jsonl, ...) exists
+        try:
+            validate(args)
+        except VoCoError as exc:
+            if args.debug:
+                traceback.print_exc()
+            sys.stderr.write(f"vocoslicer: error: {_one_line(exc)}\n")
+            return exc.exit_code
     from vocoslicer.jobs.runner import start_job
 
     job = None  # run.json / events / log.txt / signals (vocoslicer.jobs); outcome recorded by job.finish
@@ -77,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         prefix = "cancelled" if isinstance(exc, Cancelled) else "error"
-        sys.stderr.write(f"vocoslicer: {prefix}: {exc}\n")
+        sys.stderr.write(f"vocoslicer: {prefix}: {_one_line(exc)}\n")
         code, error = exc.exit_code, exc
     except KeyboardInterrupt:
         sys.stderr.write("vocoslicer: cancelled: interrupted\n")
@@ -88,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line for the user
         if args.debug:
             traceback.print_exc()
-        sys.stderr.write(f"vocoslicer: internal error: {type(exc).__name__}: {exc} (rerun with --debug)\n")
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        sys.stderr.write(f"vocoslicer: internal error: {type(exc).__name__}: {first} (rerun with --debug)\n")
         code, error = EXIT_CRASH, exc
     if job is not None:
         try:

@@ -100,7 +100,11 @@ class LabelTable:
     @classmethod
     def from_csv_text(cls, text: str, source: str = "labels CSV") -> LabelTable:
         """Parse CSV text; only ``value`` and ``name`` columns are required."""
-        return cls(tuple(parse_label_rows(text, source)))
+        labels = parse_label_rows(text, source)
+        for lb in labels:
+            if not lb.name:
+                raise UserError(f"{source}: label {lb.value} has no name")
+        return cls(tuple(labels))
 
     @classmethod
     def read_csv(cls, path: str | os.PathLike[str]) -> LabelTable:

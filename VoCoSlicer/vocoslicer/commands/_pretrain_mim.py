@@ -12,6 +12,7 @@ from vocoslicer.commands._pretrain_tokenizer import (
     load_items,
     parse_crop,
     train_config,
+    validate_common,
 )
 
 
@@ -34,7 +35,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start from ViT weights: EVA-02 checkpoint (the paper starts from eva02_B_pt_in21k_p14.pt), "
                         "a PUMIT MIM checkpoint or a backbone bundle")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, validate=validate)
+
+
+def validate(args: argparse.Namespace) -> None:
+    """``pretrain mim`` argument checks, before any run folder exists."""
+    from vocoslicer.errors import UserError
+
+    validate_common(args)
+    if not 0 < args.mask_ratio < 1:
+        raise UserError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
 
 
 def run(args: argparse.Namespace) -> int:

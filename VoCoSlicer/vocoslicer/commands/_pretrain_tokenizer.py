@@ -127,7 +127,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--perceptual", default="random",
                    help="random[:C1,C2,..] (frozen seeded random features, default) or lpips:VGG16.pth,LIN.pth "
                         "(LPIPS-VGG16 from local weight files)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, validate=validate)
+
+
+def validate_common(args: argparse.Namespace) -> None:
+    """Checks of the options in :func:`add_common`, before any run folder exists."""
+    from vocoslicer.commands._jobsetup import check_training_args
+
+    check_training_args(args)
+    if args.steps < 1 or args.batch < 1:
+        raise UserError("--steps and --batch must be >= 1")
+    if args.warmup is not None and args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+
+
+def validate(args: argparse.Namespace) -> None:
+    """``pretrain tokenizer`` argument checks (the crop against the tokenizer's stride included)."""
+    from vocoslicer.models.pumit.tokenizer import TOKENIZER_SIZES, TokenizerConfig
+
+    validate_common(args)
+    for name in ("codebook_size", "embed_dim"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    parse_crop(args.crop, TokenizerConfig(**TOKENIZER_SIZES[args.size]).stride)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import subprocess
@@ -21,7 +22,7 @@ def _triplet(text: str, name: str) -> tuple[float, float, float] | None:
     except ValueError:
         raise UserError(f"{name} {text}: expected one or three numbers (e.g. 1.5 or 1.5,1.5,2)") from None
     vals = vals * 3 if len(vals) == 1 else vals
-    if len(vals) != 3 or min(vals) <= 0:
+    if len(vals) != 3 or not all(math.isfinite(v) and v > 0 for v in vals):
         raise UserError(f"{name} {text}: expected one or three positive numbers")
     return vals  # type: ignore[return-value]
 
@@ -74,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--master-addr", default="127.0.0.1")
     p.add_argument("--master-port", type=int, default=29500)
     config.add_config_option(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, validate=validate)
 
 
 _LAUNCH_OPTS = {"--gpus", "--print-torchrun", "--nnodes", "--node-rank", "--master-addr", "--master-port"}
@@ -93,6 +94,43 @@ def _child_argv(argv: list[str]) -> list[str]:
             continue
         out.append(a)
     return out
+
+
+# SwinUNETR halves every axis five times: below 32 voxels the deepest stage has a single voxel and its norm fails
+_MIN_CROP = 32
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Argument checks that need no data, run by the CLI before the run folder exists."""
+    from vocoslicer.commands._jobsetup import check_training_args
+
+    check_training_args(args)
+    if args.export_only:
+        return
+    if not args.data:
+        raise UserError("--data is required (folders or files of CT volumes)")
+    if args.steps < 0 or args.batch < 1 or args.sw < 1 or args.grid < 1 or args.crop < 2 or args.accum < 1:
+        raise UserError("--steps >= 0, --batch/--sw/--grid/--accum >= 1 and --crop >= 2 are required")
+    for name, value in (("--crop", args.crop), ("--depth", args.depth)):
+        if value is not None and (value < _MIN_CROP or value % 2):
+            raise UserError(f"{name} {value}: too small for the network (SwinUNETR needs an even size of at least "
+                            f"{_MIN_CROP} voxels: it halves each axis five times)")
+    if args.feature_size is not None and (args.feature_size < 12 or args.feature_size % 12):
+        raise UserError(f"--feature-size {args.feature_size}: must be a positive multiple of 12 (SwinUNETR)")
+    if args.warmup is not None and args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    _window(args.window)
+    _triplet(args.spacing, "--spacing")
+
+
+def _window(text: str) -> tuple[float, float]:
+    try:
+        a_min, a_max = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--window {text}: expected two numbers a_min,a_max (e.g. -175,250)") from None
+    if not (a_min < a_max and all(map(math.isfinite, (a_min, a_max)))):
+        raise UserError(f"--window {text}: expected finite a_min < a_max")
+    return a_min, a_max
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,10 +171,7 @@ def run(args: argparse.Namespace) -> int:
     from vocoslicer.train.loop import TrainConfig
     from vocoslicer.train.pretrain_voco import VoCoRecipe, pretrain_voco
 
-    try:
-        a_min, a_max = (float(v) for v in args.window.split(","))
-    except ValueError:
-        raise UserError(f"--window {args.window}: expected two numbers a_min,a_max (e.g. -175,250)") from None
+    a_min, a_max = _window(args.window)
     pp = PreprocessConfig(spacing=_triplet(args.spacing, "--spacing"), a_min=a_min, a_max=a_max,
                           dtype=args.cache_dtype)
     recipe = VoCoRecipe(size=None if args.feature_size else args.size, feature_size=args.feature_size,

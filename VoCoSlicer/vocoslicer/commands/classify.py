@@ -19,17 +19,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--series", default=None, help="DICOM SeriesInstanceUID when the folder holds several series")
     p.add_argument("--events", choices=("none", "stdout"), default="none",
                    help="emit JSON-lines progress events on stdout (for the Slicer module / job clients)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, validate=validate)
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Argument checks before any work: device, input present, output format/folder (not the input)."""
+    from pathlib import Path
+
+    from vocoslicer.commands._jobsetup import check_device
+    from vocoslicer.errors import UserError
+    from vocoslicer.infer.classify import OUTPUT_FORMATS
+    from vocoslicer.io import check_output_path
+
+    check_device(args.device)
+    if not Path(args.input).exists():
+        raise UserError(f"{args.input}: no such file or folder")
+    if args.output:
+        check_output_path(args.output, inputs=[args.input], extensions=OUTPUT_FORMATS)
 
 
 def run(args: argparse.Namespace) -> int:
     """Handler: classify and print the probabilities."""
     from vocoslicer.infer.classify import output_format, run_classify
-    from vocoslicer.jobs.events import EventSink
+    from vocoslicer.jobs.context import current_job
 
     if args.output:
         output_format(args.output)  # fail before any work on a bad output name
-    events = EventSink(stdout=args.events == "stdout")
+    events = current_job().events  # stdout events with --events stdout, else warnings on stderr (jobs.runner)
     result = run_classify(args.input, args.output, args.model, args.device, args.series, events)
     out = sys.stderr if args.events == "stdout" else sys.stdout
     if args.output:

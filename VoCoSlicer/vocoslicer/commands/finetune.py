@@ -29,8 +29,8 @@ def _json_arg(text: str | None) -> dict | None:
     p = Path(text)
     try:
         data = json.loads(p.read_text(encoding="utf-8") if p.is_file() else text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--preprocessing: not JSON (inline or a file): {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise UserError(f"--preprocessing: not JSON (inline or a UTF-8 file): {exc}") from None
     if not isinstance(data, dict):
         raise UserError("--preprocessing: expected a JSON object")
     return data
@@ -84,16 +84,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-install", action="store_true", help="keep the bundle in the run folder only")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     config.add_config_option(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, validate=validate)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Handler: build the options, run, print the summary."""
-    from vocoslicer.jobs.context import current_job
-    from vocoslicer.jobs.events import EventSink
-    from vocoslicer.train.finetune import FinetuneOptions, run_finetune
+def _options(args: argparse.Namespace):  # noqa: ANN202 - FinetuneOptions is imported lazily (torch)
+    from vocoslicer.train.finetune import FinetuneOptions
 
-    opts = FinetuneOptions(
+    return FinetuneOptions(
         cohort=args.cohort, init=args.init, out=args.out, steps=args.steps, lr=args.lr, batch=args.batch,
         roi=args.roi, semi=args.semi, semi_start=args.semi_start, confidence=args.confidence,
         semi_weight=args.semi_weight, sampler=args.sampler, ssl_weight=args.ssl_weight,
@@ -102,14 +99,52 @@ def run(args: argparse.Namespace) -> int:
         amp=args.amp, seed=args.seed, warmup_steps=args.warmup, grad_accum=args.grad_accum, compile=args.compile,
         model_id=args.model_id, feature_size=args.feature_size, preprocessing=_json_arg(args.preprocessing),
         install=not args.no_install, resume=args.resume)
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Everything checkable without training, before the run folder (events.jsonl, finetune.json) is touched:
+    the options, the device, and the state of a run being resumed."""
+    from vocoslicer.commands._jobsetup import check_device
+    from vocoslicer.train.finetune import read_resume_state
+
+    opts = _options(args)
+    opts.validate()
+    check_device(opts.device)
+    if not Path(args.cohort).expanduser().is_dir():
+        raise UserError(f"--cohort {args.cohort}: no such cohort folder (create one with 'vocoslicer cohort init')")
+    read_resume_state(opts)
+    if opts.init != "scratch":
+        from vocoslicer.train.finetune_init import CHECKPOINT_SUFFIXES
+
+        path = Path(opts.init).expanduser()
+        if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
+            import zipfile
+
+            if zipfile.is_zipfile(path) or path.suffix.lower() == ".safetensors":
+                from vocoslicer.models.checkpoints import read_checkpoint
+
+                read_checkpoint(path)  # memory-mapped: cheap; a refused pickle is refused before any file exists
+        else:
+            from vocoslicer.models import registry
+
+            registry.resolve(opts.init)  # a missing or broken bundle is a one-line error now, not after setup
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler: build the options, run, print the summary."""
+    from vocoslicer.jobs.context import current_job
+    from vocoslicer.jobs.runner import job_event_sink
+    from vocoslicer.train.finetune import run_finetune
+
+    opts = _options(args)
     opts.validate()
     job = current_job()
     own_sink = None
     if job.run_dir is not None:
         events = job.events
     else:  # the finetune run folder is the run directory
-        own_sink = events = EventSink(Path(args.out).expanduser() / "events.jsonl",
-                                      stdout=getattr(args, "job_events", "none") == "stdout")
+        own_sink = events = job_event_sink(Path(args.out).expanduser() / "events.jsonl",
+                                           getattr(args, "job_events", "none") == "stdout")
     try:
         summary = run_finetune(opts, events=events, should_stop=job.should_stop)
     finally:

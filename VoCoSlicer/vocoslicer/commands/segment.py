@@ -38,7 +38,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_batch_arguments(p)  # several inputs / --cohort / an output folder: batch mode; .dcm: DICOM SEG
     add_events_flag(p)
     config.add_config_option(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, validate=validate)
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Argument checks before any work (a 20 s inference must not end in "cannot write"): overlap, device, the
+    output (format, folder, not the input, its .labels.csv not a folder). Batch mode checks each case itself."""
+    import math
+    from pathlib import Path
+
+    from vocoslicer.commands._jobsetup import check_device
+    from vocoslicer.infer import batch_cli
+    from vocoslicer.infer.segment import labels_csv_path
+    from vocoslicer.io import check_output_path
+
+    if args.overlap is not None and not (math.isfinite(args.overlap) and 0 <= args.overlap < 1):
+        raise UserError(f"--overlap must be in [0, 1), got {args.overlap}")
+    check_device(args.device)
+    if batch_cli.is_batch(args):
+        return
+    if not args.input or not args.output:
+        raise UserError("segment needs an input and -o OUTPUT (see 'vocoslicer segment --help')")
+    if not Path(args.input).exists():
+        raise UserError(f"{args.input}: no such file or folder")
+    inputs = [args.input, *([args.truth] if args.truth else [])]
+    if batch_cli.wants_dicom_seg(args):
+        check_output_path(args.output, inputs=inputs, extensions=(".dcm",))
+    else:
+        check_output_path(args.output, inputs=inputs, sidecars=[labels_csv_path(args.output)])
+    if args.truth and not Path(args.truth).is_file():
+        raise UserError(f"--truth {args.truth}: no such file")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,7 +16,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stdio", action="store_true", help="serve over stdin/stdout (the only transport)")
     p.add_argument("--device", default="auto", help="default device of requests that name none (auto|cpu|cuda)")
     p.add_argument("--cache-size", type=int, default=2, help="models kept loaded at once (default 2)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, validate=validate)
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Argument checks before the worker starts."""
+    from vocoslicer.commands._jobsetup import check_device
+
+    if not args.stdio:
+        raise UserError("serve needs --stdio (requests as JSON lines on stdin, replies on stdout)")
+    if args.cache_size < 1:
+        raise UserError(f"--cache-size must be at least 1, got {args.cache_size}")
+    check_device(args.device)
 
 
 def run(args: argparse.Namespace) -> int:

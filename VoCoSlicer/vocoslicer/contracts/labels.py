@@ -65,11 +65,15 @@ def parse_label_rows(text: str, source: str = "labels CSV") -> list[Label]:
     """The rows of CSV text as labels, in file order, background (value 0) dropped; only the ``value`` and
     ``name`` columns are required. Value and name rules are the caller's (:func:`parse_labels_csv`,
     ``LabelTable``)."""
-    reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None or not {"value", "name"} <= set(reader.fieldnames):
+    try:
+        rows = list(csv.DictReader(io.StringIO(text)))
+        fields = csv.DictReader(io.StringIO(text)).fieldnames
+    except csv.Error as exc:  # e.g. a NUL byte: not a table a user could have meant
+        raise LabelsCsvError(f"{source}: not a readable CSV table ({exc})") from None
+    if fields is None or not {"value", "name"} <= set(fields):
         raise LabelsCsvError(f"{source}: needs at least the columns value,name")
     labels: list[Label] = []
-    for line, row in enumerate(reader, start=2):
+    for line, row in enumerate(rows, start=2):
         try:
             value = int(row["value"])
             rgb = tuple(int(row.get(c) or 128) for c in ("r", "g", "b"))
@@ -98,7 +102,13 @@ def read_labels_text(path: str | os.PathLike[str]) -> tuple[str, str]:
     p = Path(path)
     if not p.is_file():
         raise LabelsCsvError(f"{p}: no such labels file")
-    return p.read_text(encoding="utf-8"), str(p)
+    try:
+        return p.read_text(encoding="utf-8-sig"), str(p)  # a BOM (Excel's "CSV UTF-8") is fine
+    except UnicodeDecodeError as exc:
+        raise LabelsCsvError(f"{p}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                             "save the labels table as UTF-8") from None
+    except OSError as exc:
+        raise LabelsCsvError(f"{p}: cannot read the labels file ({exc.strerror or exc})") from None
 
 
 def read_labels_csv(path: str | os.PathLike[str]) -> list[Label]:

@@ -45,7 +45,8 @@ def is_batch(args: argparse.Namespace) -> bool:
     if args.input and Path(args.input).suffix.lower() in LIST_EXTENSIONS and Path(args.input).is_file():
         return True
     out = str(args.output or "")
-    return bool(out) and (Path(out).is_dir() or not out.lower().endswith(_FILE_OUTPUTS))
+    # an existing folder, or a name without an extension, is an output folder; "seg.png" is a bad file name
+    return bool(out) and (Path(out).is_dir() or (not out.lower().endswith(_FILE_OUTPUTS) and not Path(out).suffix))
 
 
 def wants_dicom_seg(args: argparse.Namespace) -> bool:

@@ -31,7 +31,9 @@ def keep_largest_component(labels: np.ndarray, values: Iterable[int] | None = No
         box = tuple(slice(int(c.min()), int(c.max()) + 1) for c in coords)
         crop = mask[box]
         cc = sitk.ConnectedComponent(sitk.GetImageFromArray(crop.astype(np.uint8)), fully_connected)
-        ranked = sitk.GetArrayViewFromImage(sitk.RelabelComponent(cc, sortByObjectSize=True))
+        # a copy, not a view: a view of the temporary RelabelComponent image outlives its buffer (segfaults and
+        # voxels that differ from call to call were measured)
+        ranked = sitk.GetArrayFromImage(sitk.RelabelComponent(cc, sortByObjectSize=True))
         sub = out[box]
         sub[crop & (ranked != 1)] = 0
     return out

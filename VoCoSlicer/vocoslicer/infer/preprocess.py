@@ -8,6 +8,7 @@ input grid, so boundaries are smooth and memory stays bounded even for 512Ã—512Ã
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,52 @@ def ct_range_warning(arr: np.ndarray) -> str | None:
         return (f"the input intensities (1st-99th percentile {lo:.0f}..{hi:.0f}) do not look like CT in Hounsfield "
                 "units; results may be meaningless")
     return None
+
+
+PREPROCESSING_KEYS = ("orientation", "spacing", "intensity", "pad_value")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_preprocessing(pre: Any, source: str = "--preprocessing", unknown_keys: bool = False) -> None:
+    """One-line error for preprocessing settings that would fail (or silently mislead) deep inside a run.
+
+    ``orientation``: three letters, one of R/L, A/P, S/I each; ``spacing``: null or three finite numbers > 0;
+    ``intensity``: ``a_min < a_max`` (finite), optional finite ``b_min``/``b_max`` and boolean ``clip``;
+    ``pad_value``: a finite number. ``unknown_keys=False`` refuses keys nothing reads (a typo is silent otherwise).
+    """
+    if not isinstance(pre, dict):
+        raise UserError(f"{source}: expected a JSON object, got {type(pre).__name__}")
+    extra = sorted(set(pre) - set(PREPROCESSING_KEYS))
+    if extra and not unknown_keys:
+        raise UserError(f"{source}: unknown key(s) {', '.join(map(repr, extra))}; known: "
+                        + ", ".join(PREPROCESSING_KEYS))
+    if "orientation" in pre:
+        code = pre["orientation"]
+        axes = [{"R", "L"}, {"A", "P"}, {"S", "I"}]
+        ok = isinstance(code, str) and len(code) == 3 and sorted(
+            next((i for i, a in enumerate(axes) if ch in a), -1) for ch in code.upper()) == [0, 1, 2]
+        if not ok:
+            raise UserError(f"{source}: orientation {code!r} must be three letters, one of R/L, A/P and S/I each "
+                            "(e.g. 'RAS')")
+    if pre.get("spacing") is not None:
+        sp = pre["spacing"]
+        if not (isinstance(sp, list) and len(sp) == 3 and all(_finite(v) and v > 0 for v in sp)):
+            raise UserError(f"{source}: spacing {sp!r} must be null or three finite numbers > 0 (mm)")
+    if "intensity" in pre:
+        it = pre["intensity"]
+        if not isinstance(it, dict) or not _finite(it.get("a_min")) or not _finite(it.get("a_max")) \
+                or not it["a_min"] < it["a_max"]:
+            raise UserError(f"{source}: intensity {it!r} needs finite numbers a_min < a_max")
+        for key in ("b_min", "b_max"):
+            if key in it and not _finite(it[key]):
+                raise UserError(f"{source}: intensity {key} {it[key]!r} must be a finite number")
+        if "clip" in it and not isinstance(it["clip"], bool):
+            raise UserError(f"{source}: intensity clip {it['clip']!r} must be true or false")
+    if "pad_value" in pre and not _finite(pre["pad_value"]):
+        raise UserError(f"{source}: pad_value {pre['pad_value']!r} must be a finite number")
 
 
 def prepare(img: sitk.Image, preprocessing: dict[str, Any], spacing: Sequence[float] | None = None) -> Prepared:

@@ -31,6 +31,47 @@ from vocoslicer.jobs.events import EventSink
 OPS = ("segment", "classify", "ping", "shutdown")
 
 
+_TEXT_FIELDS = ("input", "output", "model", "device", "series")
+_BOOL_FIELDS = ("fast", "smooth", "largest_component")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _first(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def check_request(req: dict[str, Any]) -> None:
+    """Field types of a request: text fields are strings, flags booleans, ``overlap`` a number in [0, 1)."""
+    for name in _TEXT_FIELDS:
+        if req.get(name) is not None and not isinstance(req[name], str):
+            raise UserError(f"'{name}' must be a string, got {type(req[name]).__name__}")
+    for name in _BOOL_FIELDS:
+        if req.get(name) is not None and not isinstance(req[name], bool):
+            raise UserError(f"'{name}' must be true or false, got {type(req[name]).__name__}")
+    ov = req.get("overlap")
+    if ov is not None and (isinstance(ov, bool) or not isinstance(ov, (int, float)) or not 0 <= ov < 1):
+        raise UserError(f"overlap must be a number in [0, 1), got {ov!r}")
+    if req.get("device"):
+        from vocoslicer.commands._jobsetup import check_device
+
+        check_device(req["device"], "device")
+
+
+def load_bundle(spec: str | None) -> Any:
+    """``registry.resolve`` with every failure of a broken bundle (bad JSON, missing keys) a user error."""
+    from vocoslicer.models.registry import resolve
+
+    try:
+        return resolve(spec)
+    except VoCoError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a broken model.json makes the loader raise
+        raise UserError(f"{spec}: broken model bundle ({type(exc).__name__}: {_first(exc)[:200]})") from None
+
+
 class ProtocolSink(EventSink):
     """Events of one request, tagged with its id, on the protocol stream."""
 
@@ -110,42 +151,70 @@ class Worker:
         return 0
 
     def handle_line(self, line: str) -> bool:
-        """Answer one request line; False when the worker should stop."""
+        """Answer one request line with exactly one final line; False when the worker should stop."""
         try:
-            req = json.loads(line)
-        except json.JSONDecodeError as exc:
+            req = json.loads(line, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, NaN/Infinity, nesting deeper than Python's
+            message = getattr(exc, "msg", None) or str(exc) or type(exc).__name__
+            if isinstance(exc, RecursionError):
+                message = "nested too deeply"
             ProtocolSink(self.stdout, None).send({"id": None, "kind": "error", "code": EXIT_USER,
-                                                  "message": f"request is not valid JSON ({exc.msg})"})
+                                                  "message": f"request is not valid JSON ({message})"})
             return True
         rid = req.get("id") if isinstance(req, dict) else None
+        if not (rid is None or isinstance(rid, (str, int, float))):  # NaN/inf are refused above
+            rid = None
         sink = ProtocolSink(self.stdout, rid)
         if not isinstance(req, dict) or req.get("op") not in OPS:
             op = req.get("op") if isinstance(req, dict) else None
+            if not isinstance(op, (str, int, float, bool, type(None))):
+                op = type(op).__name__
             sink.send({"id": rid, "kind": "error", "code": EXIT_USER,
                        "message": f"unknown op {op!r} (expected one of {', '.join(OPS)})"})
             return True
         op = req["op"]
         t0 = time.perf_counter()
+        final: dict[str, Any]
         try:
+            check_request(req)
             with contextlib.redirect_stdout(sys.stderr):  # nothing but protocol lines on our stdout
                 result = self.run_op(op, req, sink)
         except VoCoError as exc:
-            sink.send({"id": rid, "kind": "error", "code": exc.exit_code, "message": str(exc).splitlines()[0]})
-            return True
+            final = {"id": rid, "kind": "error", "code": exc.exit_code, "message": _first(exc)}
         except Exception as exc:  # noqa: BLE001 - a worker survives a failed request
-            sink.send({"id": rid, "kind": "error", "code": EXIT_CRASH,
-                       "message": f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
-            return True
+            final = {"id": rid, "kind": "error", "code": EXIT_CRASH,
+                     "message": f"internal error: {type(exc).__name__}: {_first(exc)[:300]}"}
+        else:
+            self.served += 1
+            final = {"id": rid, "kind": "result", "op": op, "seconds": round(time.perf_counter() - t0, 3),
+                     **result}
         finally:
             self._release(req.get("device"))
-        self.served += 1
-        sink.send({"id": rid, "kind": "result", "op": op, "seconds": round(time.perf_counter() - t0, 3), **result})
-        return op != "shutdown"
+        try:
+            sink.send(final)
+        except (TypeError, ValueError) as exc:  # a result that is not JSON (NaN): still one final line
+            sink.send({"id": rid, "kind": "error", "code": EXIT_CRASH,
+                       "message": f"internal error: unserialisable reply ({exc})"})
+        return not (op == "shutdown" and final["kind"] == "result")
 
     def _release(self, device: Any) -> None:
         from vocoslicer.infer.oom import release_device_memory
 
-        release_device_memory(None if device in (None, "auto") else device)
+        dev = device if isinstance(device, str) and device.strip().lower().startswith("cuda") else None
+        with contextlib.suppress(Exception):  # freeing cache memory must never cost the worker its life
+            release_device_memory(dev)
+
+    def _model(self, bundle: Any, dev: Any) -> tuple[Any, bool]:
+        """The cached network; weights that do not fit the architecture are the bundle's fault (exit 2)."""
+        try:
+            return self.cache.get(bundle, dev)
+        except VoCoError:
+            raise
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            if "out of memory" in str(exc).lower():
+                raise
+            raise UserError(f"{bundle.describe()}: cannot build the network from the bundle "
+                            f"({type(exc).__name__}: {_first(exc)[:200]})") from None
 
     def _device(self, req: dict[str, Any]) -> Any:
         from vocoslicer.infer.segment import pick_device
@@ -174,20 +243,23 @@ class Worker:
         from vocoslicer.infer.preprocess import prepare
         from vocoslicer.infer.segment import FAST_SPACING, labels_csv_path
         from vocoslicer.infer.sliding import segment_prepared
-        from vocoslicer.io import read_image, write_image
-        from vocoslicer.models.registry import resolve
+        from vocoslicer.io import check_output_path, read_image, write_image
 
         dev = self._device(req)
-        bundle = resolve(req.get("model"))
+        check_output_path(req["output"], inputs=[req["input"]], sidecars=[labels_csv_path(req["output"])])
+        bundle = load_bundle(req.get("model"))
         if bundle.task != "segmentation":
             raise UserError(f"model {bundle.describe()} is a {bundle.task} model, not a segmentation model")
         inf = bundle.inference
-        overlap = float(inf["overlap"] if req.get("overlap") is None else req["overlap"])
+        try:
+            overlap = float(inf["overlap"] if req.get("overlap") is None else req["overlap"])
+        except (TypeError, ValueError):
+            raise UserError(f"{bundle.describe()}: inference.overlap {inf['overlap']!r} is not a number") from None
         if not 0 <= overlap < 1:
             raise UserError(f"overlap must be in [0, 1), got {overlap}")
         img = read_image(req["input"], series_uid=req.get("series"))
         t_load = time.perf_counter()
-        model, cached = self.cache.get(bundle, dev)
+        model, cached = self._model(bundle, dev)
         load_s = time.perf_counter() - t_load
         sink.progress(0, 3, stage="preprocessing")
         prepared = prepare(img, bundle.preprocessing, FAST_SPACING if req.get("fast") else None)
@@ -207,17 +279,18 @@ class Worker:
                 "model_cached": cached, "model_load_seconds": round(load_s, 3)}
 
     def _classify(self, req: dict[str, Any], sink: ProtocolSink) -> dict[str, Any]:
-        from vocoslicer.infer.classify import output_format, run_classify
-        from vocoslicer.models.registry import resolve
+        from vocoslicer.infer.classify import OUTPUT_FORMATS, output_format, run_classify
+        from vocoslicer.io import check_output_path
 
         dev = self._device(req)
         if req.get("output"):
             output_format(req["output"])
-        bundle = resolve(req["model"])
+            check_output_path(req["output"], inputs=[req["input"]], extensions=OUTPUT_FORMATS)
+        bundle = load_bundle(req["model"])
         if bundle.task != "classification":
             raise UserError(f"model {bundle.describe()} is a {bundle.task} model, not a classification model")
         t_load = time.perf_counter()
-        model, cached = self.cache.get(bundle, dev)
+        model, cached = self._model(bundle, dev)
         load_s = time.perf_counter() - t_load
         result = run_classify(req["input"], req.get("output"), str(bundle.path), dev, req.get("series"), sink,
                               model=model)
@@ -238,4 +311,6 @@ def serve_stdio(device: str = "auto", cache_size: int = 2) -> int:
     # line-buffered protocol output even when stdout is a pipe
     with contextlib.suppress(AttributeError, ValueError):
         stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    with contextlib.suppress(AttributeError, ValueError):  # a non-UTF-8 line is a bad request, not a dead worker
+        sys.stdin.reconfigure(errors="replace")  # type: ignore[union-attr]
     return Worker(sys.stdin, stdout, device, cache_size).serve()

@@ -16,6 +16,7 @@ _SUBMODULE = {
     "atomic_write_json": "atomic",
     "atomic_write_text": "atomic",
     "VOLUME_EXTENSIONS": "volume",
+    "check_output_path": "volume",
     "geometry": "volume",
     "list_dicom_series": "volume",
     "read_image": "volume",

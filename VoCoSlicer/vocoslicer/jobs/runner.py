@@ -1,9 +1,11 @@
 """Turn any CLI command into a job: the global ``--run-dir`` / ``--events`` options and the start/finish of a run.
 
-``vocoslicer [--run-dir DIR] [--events stdout] <command> ...`` (job options go *before* the command):
+``vocoslicer [--run-dir DIR] [--events stdout] <command> ...`` (or with the job options after the command):
 
 - without ``--run-dir`` the command still runs in a :class:`JobContext` (signals, ``should_stop``), writing no
   files; ``--events stdout`` prints its events as JSON lines on stdout for a parent process;
+- without ``--events stdout`` every ``warning`` event is also one line on stderr (``vocoslicer: warning: ...``):
+  a user at a terminal sees "does not look like CT" instead of a silent event;
 - with ``--run-dir`` it also writes ``run.json``, ``events.jsonl``, ``log.txt`` (Python logging plus the full
   traceback of a crash, while the user sees one line) and ``checkpoints/`` (see :mod:`vocoslicer.jobs.rundir`).
 """
@@ -15,6 +17,7 @@ import faulthandler
 import json
 import logging
 import os
+import sys
 import traceback
 from pathlib import Path
 from typing import IO, Any
@@ -32,11 +35,33 @@ runlog.propagate = False
 runlog.addHandler(logging.NullHandler())  # without --run-dir: no "last resort" echo of errors on stderr
 
 _SUBCOMMAND_KEYS = ("command", "method", "action")
+# Python warnings, captured native output (vocoslicer.io.native) and nibabel's header repairs: log.txt, not the terminal
+LIBRARY_LOGGERS = ("py.warnings", "vocoslicer.lib", "nibabel")
+
+
+class TerminalEventSink(EventSink):
+    """An event sink that also prints each ``warning`` as one line on stderr, for a user at a terminal."""
+
+    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:  # noqa: D102 - see EventSink
+        event = super().emit(kind, **fields)
+        if kind == "warning" and self.rank == 0:
+            text = (str(event.get("message") or "").strip().splitlines() or [""])[0]
+            try:
+                sys.stderr.write(f"vocoslicer: warning: {text}\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+        return event
+
+
+def job_event_sink(path: str | Path | None, stdout: bool, rank: int = 0) -> EventSink:
+    """The sink of a command's run: warnings on stderr unless a parent process reads the events on stdout."""
+    return EventSink(path=path, stdout=True, rank=rank) if stdout else TerminalEventSink(path=path, rank=rank)
 
 
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the job options to the top-level parser (they apply to every command)."""
-    group = parser.add_argument_group("job options (give them before the command)")
+    group = parser.add_argument_group("job options (before or after the command)")
     # dest names are prefixed so that a command's own ``run_dir``/``events`` arguments never collide with them
     group.add_argument("--run-dir", dest="job_run_dir", type=Path, metavar="DIR",
                        help="run as a job: write run.json, events.jsonl, log.txt and checkpoints/ into DIR")
@@ -98,6 +123,8 @@ class JobRun:
         if self._handler is not None:
             logging.getLogger().removeHandler(self._handler)
             runlog.removeHandler(self._handler)
+            for name in LIBRARY_LOGGERS:
+                logging.getLogger(name).removeHandler(self._handler)
             self._handler.close()
         if self._log_stream is not None:
             if faulthandler.is_enabled():
@@ -119,7 +146,7 @@ def start_job(args: argparse.Namespace, argv: list[str]) -> JobRun:
     handler = None
     log_stream = None
     if run_dir is None:
-        ctx = JobContext(events=EventSink(stdout=stdout, rank=rank), resume=resume, rank=rank)
+        ctx = JobContext(events=job_event_sink(None, stdout, rank), resume=resume, rank=rank)
     else:
         run_dir = Path(run_dir).expanduser().resolve()
         try:
@@ -143,8 +170,9 @@ def start_job(args: argparse.Namespace, argv: list[str]) -> JobRun:
             root.setLevel(logging.INFO)
         logging.captureWarnings(True)
         faulthandler.enable(file=log_stream)  # a segfault in native code still leaves a trace in log.txt
-        ctx = JobContext(run_dir, EventSink(path=run_dir / EVENTS_JSONL, stdout=stdout, rank=rank), resume, rank,
-                         record)
+        for name in LIBRARY_LOGGERS:  # library warnings into log.txt, not onto the terminal (cli routes them)
+            logging.getLogger(name).addHandler(handler)
+        ctx = JobContext(run_dir, job_event_sink(run_dir / EVENTS_JSONL, stdout, rank), resume, rank, record)
         attempt = record.data["attempt"] if record is not None else 0
         runlog.addHandler(handler)
         runlog.setLevel(logging.INFO)

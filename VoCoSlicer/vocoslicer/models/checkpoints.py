@@ -113,6 +113,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
                 return torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
             return torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any decoding failure means a bad file for the user
+        if "Weights only load failed" in str(exc):  # torch's own advice (retry unsafely) is the wrong one to show
+            raise UserError(f"{p}: refused: the file holds pickled Python objects besides tensors, which could run "
+                            "code when loaded; only plain weights are accepted") from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise UserError(f"{p}: not a readable checkpoint (truncated or corrupted?): {first}") from None
 

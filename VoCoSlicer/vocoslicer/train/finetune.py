@@ -14,6 +14,7 @@ new bundle version that records its parent, the cohort version and the Dice, ins
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -79,9 +80,23 @@ class FinetuneOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        """One-line errors for impossible values."""
-        if self.steps < 1 or self.batch < 1 or self.lr <= 0:
-            raise UserError("finetune: --steps and --batch must be >= 1 and --lr > 0")
+        """One-line errors for impossible values (NaN passes ``lr <= 0`` checks, hence the ``isfinite``)."""
+        if self.steps < 1 or self.batch < 1 or not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"finetune: --steps and --batch must be >= 1 and --lr a finite number > 0 (got --lr "
+                            f"{self.lr})")
+        for name, value in (("--semi-weight", self.semi_weight), ("--ssl-weight", self.ssl_weight),
+                            ("--weight-decay", self.weight_decay)):
+            if not math.isfinite(value) or value < 0:
+                raise UserError(f"finetune: {name} must be a finite number >= 0, got {value}")
+        if self.warmup_steps < 0 or self.grad_accum < 1 or self.eval_every < 0 or self.patience < 0:
+            raise UserError("finetune: --warmup, --eval-every and --patience must be >= 0, --grad-accum >= 1")
+        if self.feature_size is not None and (self.feature_size < 12 or self.feature_size % 12):
+            raise UserError(f"finetune: --feature-size {self.feature_size} must be a positive multiple of 12 "
+                            "(SwinUNETR)")
+        if self.preprocessing is not None:
+            from vocoslicer.infer.preprocess import check_preprocessing
+
+            check_preprocessing(self.preprocessing)
         if not 0.0 <= self.semi_start < 1.0:
             raise UserError(f"finetune: --semi-start must be in [0, 1), got {self.semi_start}")
         if not 0.0 < self.confidence <= 1.0:
@@ -93,6 +108,43 @@ class FinetuneOptions:
         if self.roi is not None and (len(self.roi) != 3 or min(self.roi) < 16 or any(r % 32 for r in self.roi)):
             raise UserError(f"finetune: --roi must be three multiples of 32 (SwinUNETR), got {list(self.roi)}")
 
+
+
+def read_resume_state(opts: FinetuneOptions) -> dict[str, Any]:
+    """The saved state of the run in ``--out`` ({} for a new run), refused before anything is written when it is
+    corrupt or when ``--resume`` asks for another ``--init`` or another ``--ssl-weight`` mode than it was started
+    with (the checkpoints would not fit)."""
+    out = Path(opts.out).expanduser().resolve()
+    state_path = out / STATE_FILE
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a run folder")
+    if not state_path.is_file():
+        return {}
+    if not opts.resume:
+        raise UserError(f"{out}: holds a finetune run already; pass --resume to continue it or choose a new --out")
+    try:
+        saved = json.loads(state_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{state_path}: unreadable run state ({exc}); this run cannot be resumed, start a new one "
+                        "with another --out") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("options", {}), dict):
+        raise UserError(f"{state_path}: not a finetune run state (expected a JSON object); start a new run with "
+                        "another --out")
+    before = saved.get("init")
+    if before is not None and str(before) != str(opts.init) and not _same_path(str(before), str(opts.init)):
+        raise UserError(f"{out}: this run was started with --init {before}; resume it with the same --init (or "
+                        "choose a new --out for another starting point)")
+    was_ssl = float((saved.get("options") or {}).get("ssl_weight", 0.0) or 0.0) > 0
+    if was_ssl != (opts.ssl_weight > 0):
+        heads = "the VoCo heads" if was_ssl else "no VoCo heads"
+        raise UserError(f"{out}: this run was started {'with' if was_ssl else 'without'} --ssl-weight; resume it "
+                        f"the same way (its checkpoints hold {heads})")
+    return saved
+
+
+def _same_path(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def _new_version(model_id: str, parent: dict[str, Any] | None) -> str:
@@ -149,18 +201,9 @@ def run_finetune(opts: FinetuneOptions, events: EventSink = NULL_SINK,
     opts.validate()
     out = Path(opts.out).expanduser().resolve()
     state_path = out / STATE_FILE
-    saved: dict[str, Any] = {}
-    if state_path.is_file():
-        if not opts.resume:
-            raise UserError(f"{out}: holds a finetune run already; pass --resume to continue it or choose a new --out")
-        saved = json.loads(state_path.read_text(encoding="utf-8"))
-    elif opts.resume:
+    saved = read_resume_state(opts)
+    if opts.resume and not saved:
         events.warning(f"nothing to resume in {out}; starting a new finetune")
-    was_ssl = float((saved.get("options") or {}).get("ssl_weight", 0.0) or 0.0) > 0
-    if saved and was_ssl != (opts.ssl_weight > 0):
-        heads = "the VoCo heads" if was_ssl else "no VoCo heads"
-        raise UserError(f"{out}: this run was started {'with' if was_ssl else 'without'} --ssl-weight; resume it "
-                        f"the same way (its checkpoints hold {heads})")
     cohort = Cohort(opts.cohort)
     if cohort.warning:
         events.warning(cohort.warning)
