@@ -14,6 +14,17 @@ def add_events_flag(p: argparse.ArgumentParser) -> None:
                    help="emit JSON-lines progress events on stdout (for the Slicer module / job clients)")
 
 
+def add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    """``--runtime`` / ``--threads``: CPU inference speed (shared by ``segment`` and ``serve``)."""
+    from vocoslicer.infer.runtime import runtime_choices
+
+    p.add_argument("--runtime", choices=runtime_choices(), default="auto",
+                   help="CPU inference runtime: auto (the fastest installed, e.g. OpenVINO), eager (plain PyTorch) "
+                        "or a named one; a runtime that fails falls back to eager with a warning")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: OMP_NUM_THREADS, else all cores)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``segment`` command."""
     p = sub.add_parser("segment", help="segment a CT volume (file or DICOM folder) with a model bundle",
@@ -29,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--largest-component", action="store_true",
                    help="keep only the largest connected component of each label (removes stray islands)")
     p.add_argument("--truth", default=None, help="ground-truth label map: print per-label Dice after segmenting")
+    add_runtime_flags(p)
     add_events_flag(p)
     p.set_defaults(func=run)
 
@@ -40,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     if args.overlap is not None and not 0 <= args.overlap < 1:
         raise UserError(f"--overlap must be in [0, 1), got {args.overlap}")
     result = run_segment(args.input, args.output, args.model, args.device, args.fast, args.series, args.overlap,
-                         largest_component=args.largest_component)  # events: the job context's (--run-dir/--events)
+                         largest_component=args.largest_component, runtime=args.runtime,
+                         threads=args.threads)  # events: the job context's (--run-dir/--events)
     out = sys.stderr if args.events == "stdout" else sys.stdout
     print(f"wrote {result['output']} and {result['labels']} ({result['model']}, {result['seconds']:.1f} s)", file=out)
     if args.truth:

@@ -4,7 +4,8 @@ Starting Python, importing torch/MONAI and loading a model costs seconds; a Slic
 case with the same model. ``vocoslicer serve --stdio`` pays that once. Protocol (one JSON object per line):
 
 request  ``{"id": ..., "op": "segment"|"classify"|"ping"|"shutdown", "input": ..., "output": ..., "model": ...,
-"device": ..., ["fast": bool, "overlap": float, "series": uid, "smooth": bool, "largest_component": bool]}``
+"device": ..., ["fast": bool, "overlap": float, "series": uid, "smooth": bool, "largest_component": bool,
+"runtime": "auto"|"eager"|name]}``
 
 replies  zero or more event lines (the :class:`~vocoslicer.jobs.events.EventSink` JSON form plus ``"id"``), then
 exactly one final line ``{"id": ..., "kind": "result", ...}`` or ``{"id": ..., "kind": "error", "message": ...,
@@ -91,7 +92,9 @@ class ModelCache:
 class Worker:
     """Serves requests from ``stdin`` on ``stdout`` until ``shutdown`` or end of input."""
 
-    def __init__(self, stdin: IO[str], stdout: IO[str], device: str = "auto", cache_size: int = 2) -> None:
+    def __init__(self, stdin: IO[str], stdout: IO[str], device: str = "auto", cache_size: int = 2,
+                 runtime: str = "auto") -> None:
+        self.runtime = runtime  # default of requests that name none (compiled graphs stay loaded between cases)
         self.stdin = stdin
         self.stdout = stdout
         self.device = device
@@ -170,12 +173,14 @@ class Worker:
     def _segment(self, req: dict[str, Any], sink: ProtocolSink) -> dict[str, Any]:
         from vocoslicer.infer.postprocess import keep_largest_component_image
         from vocoslicer.infer.preprocess import prepare
-        from vocoslicer.infer.segment import FAST_SPACING, labels_csv_path
+        from vocoslicer.infer.runtime import check_runtime
+        from vocoslicer.infer.segment import FAST_SPACING, bundle_key, labels_csv_path
         from vocoslicer.infer.sliding import segment_prepared
         from vocoslicer.io import read_image, write_image
         from vocoslicer.models.registry import resolve
 
         dev = self._device(req)
+        runtime = check_runtime(str(req.get("runtime") or self.runtime))
         bundle = resolve(req["model"])
         if bundle.task != "segmentation":
             raise UserError(f"model {bundle.describe()} is a {bundle.task} model, not a segmentation model")
@@ -194,7 +199,8 @@ class Worker:
         sink.progress(1, 3, stage=f"inference on {dev.type}")
         label = segment_prepared(model, prepared.tensor, prepared.grid, img, bundle.channel_values, inf["roi_size"],
                                  overlap, str(inf["mode"]), int(inf["sw_batch_size"]), dev, sink,
-                                 smooth=req.get("smooth"), whole_volume=bool(req.get("fast")))
+                                 smooth=req.get("smooth"), whole_volume=bool(req.get("fast")), runtime=runtime,
+                                 model_key=bundle_key(bundle))
         if req.get("largest_component"):
             label = keep_largest_component_image(label)
         sink.progress(3, 3, stage="writing")
@@ -222,8 +228,12 @@ class Worker:
         return {**result, "device": str(dev), "model_cached": cached, "model_load_seconds": round(load_s, 3)}
 
 
-def serve_stdio(device: str = "auto", cache_size: int = 2) -> int:
+def serve_stdio(device: str = "auto", cache_size: int = 2, runtime: str = "auto", threads: int | None = None) -> int:
     """Run a worker on this process's stdin/stdout (``vocoslicer serve --stdio``)."""
+    from vocoslicer.infer.runtime import apply_threads, check_runtime
+
+    check_runtime(runtime)
+    apply_threads(threads)
     stdout = sys.stdout
     # pay the heavy imports before the first request (that is the point of a warm worker)
     import monai.networks.nets  # noqa: F401
@@ -236,4 +246,4 @@ def serve_stdio(device: str = "auto", cache_size: int = 2) -> int:
     # line-buffered protocol output even when stdout is a pipe
     with contextlib.suppress(AttributeError, ValueError):
         stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    return Worker(sys.stdin, stdout, device, cache_size).serve()
+    return Worker(sys.stdin, stdout, device, cache_size, runtime).serve()
