@@ -128,7 +128,12 @@ def test_pick_runtime_rules(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert "not installed" in msgs[0] and "eager PyTorch" in msgs[0]
     assert "CPU only" in msgs[1]
     net = tiny_net()
-    assert rt.runtime_model(net, cpu, "auto") is net  # missing runtime: the eager network itself
+    assert rt.runtime_model(net, cpu, "auto") is net  # small network: eager (and no warning for it)
+    monkeypatch.setattr(rt, "AUTO_MIN_PARAMS", 0)
+    sink = EventSink(tmp_path / "events2.jsonl")
+    assert rt.runtime_model(net, cpu, "auto", events=sink) is net  # missing runtime: the eager network itself
+    sink.close()
+    assert "not installed" in events_in(tmp_path / "events2.jsonl")[0]["message"]
 
 
 def test_threads_follow_omp_num_threads(monkeypatch: pytest.MonkeyPatch) -> None:

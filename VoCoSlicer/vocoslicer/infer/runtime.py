@@ -38,6 +38,13 @@ from vocoslicer.jobs.events import NULL_SINK, EventSink
 CompiledFn = Callable[[np.ndarray], np.ndarray]
 AUTO_ORDER = ("openvino",)
 """Runtimes ``auto`` tries, fastest first (by the issue-17 measurements)."""
+AUTO_MIN_PARAMS = 10_000_000
+"""``auto`` keeps small networks eager: the 4 M-parameter demo network ran no faster under OpenVINO (both ~0.6 s
+per 64³ window), so its export would be pure cost; VoCo-B (62 M) and nnU-Net-sized UNets (~30 M) gain."""
+MAX_WINDOW_VOXELS = 96**3
+"""Larger windows run eager: one 128³ VoCo-B window peaked at 7.2 GB RSS under OpenVINO (3.6 GB eager; the
+shifted-window attention masks and scores are materialised there) for a 1.6x gain, and took minutes to export.
+With a runtime, ``--fast`` therefore tiles with windows up to this size instead of one whole-volume window."""
 
 
 def default_threads() -> int:
@@ -93,7 +100,10 @@ class OpenVINOBackend:
         config: dict[str, Any] = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY"}
         if self.precision:
             config["INFERENCE_PRECISION_HINT"] = self.precision
-        compiled = ov.Core().compile_model(str(folder / "model.xml"), "CPU", config)
+        core = ov.Core()
+        # OpenVINO's own blob cache: compiling a VoCo-B graph takes minutes, loading the blob seconds
+        core.set_property({"CACHE_DIR": str(folder / "compiled")})
+        compiled = core.compile_model(str(folder / "model.xml"), "CPU", config)
         request = compiled.create_infer_request()
 
         def run(x: np.ndarray) -> np.ndarray:
@@ -242,7 +252,7 @@ class RuntimeModule(torch.nn.Module):
         return "eager" if self.failed else self.backend.name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - see the class
-        if self.failed is None and x.device.type == "cpu":
+        if self.failed is None and x.device.type == "cpu" and x[0].numel() <= MAX_WINDOW_VOXELS * x.shape[1]:
             try:
                 fn = compiled_for(self.backend, self.eager, self.model_key, (1, *x.shape[1:]), self.threads,
                                   self.events)
@@ -254,14 +264,25 @@ class RuntimeModule(torch.nn.Module):
         return self.eager(x)
 
 
+def will_compile(model: torch.nn.Module, device: torch.device, runtime: str) -> bool:
+    """Whether :func:`runtime_model` would put a compiled runtime in front of ``model`` (no events, no export)."""
+    if runtime == "auto" and sum(p.numel() for p in model.parameters()) < AUTO_MIN_PARAMS:
+        return False
+    return pick_runtime(runtime, torch.device(device)) != "eager"
+
+
 def runtime_model(model: torch.nn.Module, device: torch.device, runtime: str = "eager",
                   model_key: str | None = None, threads: int | None = None,
                   events: EventSink = NULL_SINK) -> torch.nn.Module:
     """What the sliding-window code calls: ``model`` itself (eager) or a :class:`RuntimeModule` around it.
 
+    ``auto`` leaves networks under :data:`AUTO_MIN_PARAMS` parameters eager (nothing to gain, an export to pay).
+
     ``model_key`` is the bundle's weights sha256 (``None``: hashed from the weights); ``threads`` defaults to
     torch's current intra-op thread count (set by :func:`apply_threads`).
     """
+    if runtime == "auto" and sum(p.numel() for p in model.parameters()) < AUTO_MIN_PARAMS:
+        return model
     name = pick_runtime(runtime, torch.device(device), events)
     if name == "eager":
         return model

@@ -335,12 +335,14 @@ def segment_prepared(model: torch.nn.Module, tensor: torch.Tensor, grid: Any, re
     """
     from vocoslicer.infer.oom import device_job, run_with_oom_fallback
     from vocoslicer.infer.postprocess import labels_to_reference, scores_to_reference_torch
-    from vocoslicer.infer.runtime import runtime_model
+    from vocoslicer.infer.runtime import MAX_WINDOW_VOXELS, runtime_model, will_compile
 
     use_smooth = device.type == "cuda" if smooth is None else bool(smooth)
-    if whole_volume:
-        roi = whole_volume_roi(tensor.shape[-3:], roi, overlap)
     enable_fast_attention(model)
+    if whole_volume:
+        compiled = will_compile(model, device, runtime)  # a compiled runtime wants smaller windows
+        roi = whole_volume_roi(tensor.shape[-3:], roi, overlap,
+                               MAX_WINDOW_VOXELS if compiled else WHOLE_VOLUME_MAX_VOXELS)
     report = _progress_events(events, "sliding-window inference")
 
     def fn(dev: torch.device, bs: int) -> Any:
