@@ -54,7 +54,7 @@ def throughput_child(device: str, smoke: bool, seconds: float) -> dict[str, Any]
     from vocoslicer.models.swin import build_swinunetr
 
     dev = torch.device(device)
-    fs, edge, batch = (12, 32, 1) if smoke else (48, 96, 4)
+    fs, edge, batch = (12, 64, 1) if smoke else (48, 96, 4)  # 64³: the smallest SwinUNETR input with a 2³ bottleneck
     torch.manual_seed(0)
     plain = build_swinunetr(None, feature_size=fs, out_channels=14).to(dev).eval()
     x = torch.rand((batch, 1, edge, edge, edge), device=dev)
@@ -123,7 +123,8 @@ def parts(args: argparse.Namespace) -> list[Part]:
     py, d, s = sys.executable, args.device, args.smoke
     me = [py, str(Path(__file__).resolve()), "--device", d, "--child", "throughput"] + (["--smoke"] if s else [])
     infer = [py, str(HERE / "bench_infer.py"), "--device", d]
-    infer += (["--size", "tiny", "--roi", "32", "--volume", "48", "48", "40", "--repeats", "1", "--sw-batch", "2"]
+    infer += (["--size", "tiny", "--roi", "64", "--volume", "72", "64", "64", "--repeats", "1", "--sw-batch", "2",
+               "--overlaps", "0.5"]
               if s else ["--size", "B", "--roi", "96", "--volume", "288", "288", "320", "--repeats", "2"])
     e2e = [py, str(HERE / "bench_infer.py"), "--device", d, "--skip-throughput", "--e2e", "--engines", "cli"]
     e2e += ["--e2e-size", "tiny", "--e2e-volume", "64", "64", "40", "--workdir", str(args.work / "infer")] if s else []
@@ -131,7 +132,7 @@ def parts(args: argparse.Namespace) -> list[Part]:
     pre += (["--tiny", "--skip-steps", "--loss-iters", "2", "--workers", "0", "--loader-batches", "2", "--phantoms",
              "2"] if s else ["--warmup", "3", "--steps", "10", "--repeats", "2", "--loader-batches", "20"])
     pumit = [py, str(HERE / "bench_pumit.py"), "--device", d]
-    pumit += ["--size", "bench", "--warmup", "0", "--steps", "1", "--repeats", "1"] if s else ["--steps", "5",
+    pumit += ["--size", "bench", "--warmup", "1", "--steps", "1", "--repeats", "1"] if s else ["--steps", "5",
                                                                                                "--repeats", "2"]
     return [
         Part("model throughput", "VoCo-B 96³ patches/s ≥ 4× plain MONAI fp32", 0.12, 10 if s else 60, me),
@@ -151,8 +152,8 @@ def label_efficiency_cmd(args: argparse.Namespace, seconds: float) -> list[str]:
     cmd = [sys.executable, str(HERE / "bench_label_efficiency.py"), "--device", args.device, "--work",
            str(args.work / "label_efficiency"), "--seeds", "1", "--methods", "scratch,voco"]
     if args.smoke:
-        return cmd + ["--ks", "1", "--unlabelled", "1", "--steps", "1", "--pretrain-steps", "1", "--spacing", "8",
-                      "--roi", "32,32,32", "--batch", "1", "--test-cases", "1", "--methods", "scratch"]
+        return cmd + ["--ks", "1", "--unlabelled", "2", "--steps", "1", "--pretrain-steps", "1", "--spacing", "8",
+                      "--roi", "64,64,32", "--batch", "1", "--test-cases", "1", "--methods", "scratch"]
     steps = int(max(20, min(300, seconds / 3)))  # ~0.15 s a step on an H100 (VoCo-fs12, 64³); x3 runs + pretrain
     return cmd + ["--ks", "1,4", "--unlabelled", "8", "--steps", str(steps), "--pretrain-steps", str(steps),
                   "--spacing", "4"]
