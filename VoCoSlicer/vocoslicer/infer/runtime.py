@@ -1,10 +1,10 @@
 """CPU inference runtimes: the network compiled by OpenVINO where that is installed, eager PyTorch otherwise.
 
-Why OpenVINO: measured on this project's networks (benchmarks/RESULTS.md, "CPU runtimes (issue 17)"), it ran
-VoCo-B windows several times faster than eager PyTorch (with SDPA attention) on the CPU, where ONNX Runtime was
-slower than eager and ``torch.compile`` (inductor) spent minutes compiling for no gain. OpenVINO also picks the
-CPU's native precision itself: bf16 on CPUs with AMX / AVX-512 bf16 units, f32 elsewhere (``openvino-f32`` forces
-f32 everywhere).
+Why OpenVINO: measured on this project's networks (benchmarks/RESULTS.md, "CPU runtimes (issue 17)"), one VoCo-B
+64³ window ran 2.9x faster than eager PyTorch with SDPA attention (2.0x with f32 forced), where ONNX Runtime was
+no faster than eager (1.0x; 3x slower in an earlier run) and ``torch.compile`` (inductor) compiled for 6 minutes
+and then ran slower than eager. OpenVINO also picks the CPU's native precision itself: bf16 on CPUs with AMX /
+AVX-512 bf16 units, f32 elsewhere (``openvino-f32`` forces f32 everywhere).
 
 How it plugs in: :func:`runtime_model` wraps the eager network in a :class:`RuntimeModule` that the sliding-window
 code calls like any ``nn.Module``. On the first window of a new shape the network is exported for exactly that
