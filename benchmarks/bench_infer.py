@@ -14,7 +14,8 @@ worker (``serve --stdio``). Weights are random (timing does not depend on them; 
 
 CPU defaults are small (tiny model, 64³ windows, 96×96×64 volume) because a 2-core CPU needs ~7 s per VoCo-B
 96³ window; on CUDA the defaults are the issue's goals: VoCo-B, 96³, the 288×288×320 abdomen at 1.5 mm.
-``--append`` adds the table to benchmarks/RESULTS.md under "Inference (issue 3)".
+``--append`` adds the table to benchmarks/RESULTS.md under "Inference (issue 3)". ``--cpu-runtimes`` runs
+benchmarks/bench_cpu_runtimes.py instead (eager vs OpenVINO / ONNX Runtime on the CPU, issue 17).
 """
 
 from __future__ import annotations
@@ -237,6 +238,11 @@ def append_results(args: argparse.Namespace, device_text: str, rows: list[dict],
 
 
 def main() -> int:
+    if "--cpu-runtimes" in sys.argv[1:]:  # eager vs OpenVINO / ONNX Runtime on the CPU: its own script
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_cpu_runtimes import main as cpu_runtimes
+
+        return cpu_runtimes([a for a in sys.argv[1:] if a != "--cpu-runtimes"])
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

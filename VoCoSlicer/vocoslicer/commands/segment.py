@@ -15,6 +15,17 @@ def add_events_flag(p: argparse.ArgumentParser) -> None:
                    help="emit JSON-lines progress events on stdout (for the Slicer module / job clients)")
 
 
+def add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    """``--runtime`` / ``--threads``: CPU inference speed (shared by ``segment`` and ``serve``)."""
+    from vocoslicer.infer.runtime import runtime_choices
+
+    p.add_argument("--runtime", choices=runtime_choices(), default="auto",
+                   help="CPU inference runtime: auto (the fastest installed, e.g. OpenVINO), eager (plain PyTorch) "
+                        "or a named one; a runtime that fails falls back to eager with a warning")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: OMP_NUM_THREADS, else all cores)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``segment`` command."""
     p = sub.add_parser("segment", help="segment a CT volume (file or DICOM folder) with a model bundle",
@@ -36,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from vocoslicer.infer.batch_cli import add_batch_arguments
 
     add_batch_arguments(p)  # several inputs / --cohort / an output folder: batch mode; .dcm: DICOM SEG
+    add_runtime_flags(p)
     add_events_flag(p)
     config.add_config_option(p)
     p.set_defaults(func=run, validate=validate)
@@ -86,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out_format not in (None, "nifti", "nrrd", "seg.nrrd", "mha"):
         raise UserError(f"--format {args.out_format} does not match the output name {args.output}")
     result = run_segment(args.input, args.output, args.model, args.device, args.fast, args.series, args.overlap,
-                         largest_component=args.largest_component)  # events: the job context's (--run-dir/--events)
+                         largest_component=args.largest_component, runtime=args.runtime,
+                         threads=args.threads)  # events: the job context's (--run-dir/--events)
     out = sys.stderr if args.events == "stdout" else sys.stdout
     print(f"wrote {result['output']} and {result['labels']} ({result['model']}, {result['seconds']:.1f} s)", file=out)
     if args.truth:

@@ -16,6 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stdio", action="store_true", help="serve over stdin/stdout (the only transport)")
     p.add_argument("--device", default="auto", help="default device of requests that name none (auto|cpu|cuda)")
     p.add_argument("--cache-size", type=int, default=2, help="models kept loaded at once (default 2)")
+    from vocoslicer.commands.segment import add_runtime_flags
+
+    add_runtime_flags(p)
     p.set_defaults(func=run, validate=validate)
 
 
@@ -38,4 +41,4 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("serve needs --stdio (requests as JSON lines on stdin, replies on stdout)")
     if args.cache_size < 1:
         raise UserError(f"--cache-size must be at least 1, got {args.cache_size}")
-    return serve_stdio(args.device, args.cache_size)
+    return serve_stdio(args.device, args.cache_size, args.runtime, args.threads)

@@ -44,6 +44,7 @@ class BatchOptions:
     dicom_source: str | None = None
     cohort: str | None = None
     unlabelled: bool = False
+    runtime: str = "eager"  # the CPU inference runtime (vocoslicer.infer.runtime); the CLI passes --runtime
 
 
 @dataclass
@@ -162,13 +163,15 @@ class CaseRunner:
     def infer(self, img: sitk.Image, prepared: Any, cancel: Any = None) -> sitk.Image:
         """The label map of one prepared case on its input's grid."""
         from vocoslicer.infer.postprocess import keep_largest_component_image
+        from vocoslicer.infer.segment import bundle_key
         from vocoslicer.infer.sliding import segment_prepared
 
         inf = self.bundle.inference
         label = segment_prepared(self.model, prepared.tensor, prepared.grid, img, self.bundle.channel_values,
                                  inf["roi_size"], self.overlap, str(inf["mode"]), int(inf["sw_batch_size"]),
                                  self.device, NULL_SINK, smooth=not self.opts.fast, cancel=cancel,
-                                 whole_volume=self.opts.fast)
+                                 whole_volume=self.opts.fast, runtime=self.opts.runtime,
+                                 model_key=bundle_key(self.bundle))
         return keep_largest_component_image(label) if self.opts.largest_component else label
 
 

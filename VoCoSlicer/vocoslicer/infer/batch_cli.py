@@ -59,7 +59,8 @@ def _options(args: argparse.Namespace, fmt: str) -> BatchOptions:
 
     return BatchOptions(model=args.model, device=args.device, fmt=fmt, fast=args.fast, overlap=args.overlap,
                         largest_component=args.largest_component, dicom_source=args.dicom_source,
-                        cohort=args.cohort, unlabelled=args.unlabelled)
+                        cohort=args.cohort, unlabelled=args.unlabelled,
+                        runtime=getattr(args, "runtime", "eager"))
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
@@ -69,6 +70,10 @@ def run_batch_command(args: argparse.Namespace) -> int:
 
     if args.truth:
         raise UserError("--truth compares one segmentation; it cannot be used in batch mode")
+    from vocoslicer.infer.runtime import apply_threads, check_runtime
+
+    check_runtime(getattr(args, "runtime", "eager"))
+    apply_threads(getattr(args, "threads", None))
     if args.unlabelled and not args.cohort:
         raise UserError("--unlabelled needs --cohort C")
     if args.cohort:

@@ -39,8 +39,11 @@ def pick_device(requested: str = "auto") -> torch.device:
 def segment_image(img: sitk.Image, bundle: ModelBundle, model: torch.nn.Module | None = None,
                   device: str | torch.device = "auto", fast: bool = False, overlap: float | None = None,
                   events: EventSink = NULL_SINK, cancel: Callable[[], bool] | None = None,
-                  largest_component: bool = False) -> sitk.Image:
-    """Segment one image with ``bundle``; returns a label image on ``img``'s exact grid."""
+                  largest_component: bool = False, runtime: str = "eager") -> sitk.Image:
+    """Segment one image with ``bundle``; returns a label image on ``img``'s exact grid.
+
+    ``runtime`` picks the CPU inference runtime (:mod:`vocoslicer.infer.runtime`); the CLI defaults to ``auto``.
+    """
     from vocoslicer.infer.postprocess import keep_largest_component_image
     from vocoslicer.infer.sliding import segment_prepared
 
@@ -63,23 +66,36 @@ def segment_image(img: sitk.Image, bundle: ModelBundle, model: torch.nn.Module |
     # input grid except in --fast mode, where the cheap nearest-neighbour label path is the point
     label = segment_prepared(model, prepared.tensor, prepared.grid, img, bundle.channel_values, inf["roi_size"], ov,
                              str(inf["mode"]), int(inf["sw_batch_size"]), dev, events, smooth=not fast,
-                             cancel=cancel, whole_volume=fast)
+                             cancel=cancel, whole_volume=fast, runtime=runtime, model_key=bundle_key(bundle))
     if largest_component:
         label = keep_largest_component_image(label)
     events.progress(4, 4, stage="done")
     return label
 
 
+def bundle_key(bundle: ModelBundle) -> str | None:
+    """The weights' sha256 from model.json: what the runtime's graph cache is keyed on (``None``: hash weights)."""
+    sha = (bundle.meta.get("weights") or {}).get("sha256")
+    return str(sha) if sha else None
+
+
 def run_segment(input_path: str, output: str, model_spec: str | None = None, device: str = "auto",
                 fast: bool = False, series: str | None = None, overlap: float | None = None,
-                events: EventSink | None = None, largest_component: bool = False) -> dict[str, Any]:
-    """The ``segment`` command: read, segment, write label map + labels CSV (both atomically)."""
+                events: EventSink | None = None, largest_component: bool = False, runtime: str = "auto",
+                threads: int | None = None) -> dict[str, Any]:
+    """The ``segment`` command: read, segment, write label map + labels CSV (both atomically).
+
+    ``threads`` (default: ``OMP_NUM_THREADS`` or all cores) sets the CPU threads of torch and of the runtime.
+    """
+    from vocoslicer.infer.runtime import apply_threads, check_runtime
     from vocoslicer.io import read_image, write_image
     from vocoslicer.jobs import current_job
     from vocoslicer.models.registry import resolve
 
     job = current_job()
     events = events if events is not None else job.events
+    check_runtime(runtime)
+    apply_threads(threads)
 
     out = Path(output)
     if out.exists() and out.is_dir():
@@ -91,7 +107,7 @@ def run_segment(input_path: str, output: str, model_spec: str | None = None, dev
     dev = pick_device(device)
     with job.gpu_lock(dev):
         label = segment_image(img, bundle, device=dev, fast=fast, overlap=overlap, events=events,
-                              cancel=job.should_stop, largest_component=largest_component)
+                              cancel=job.should_stop, largest_component=largest_component, runtime=runtime)
     if job.should_stop():
         raise Cancelled("segmentation cancelled; nothing was written")
     write_image(label, out)

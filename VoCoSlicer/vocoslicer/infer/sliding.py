@@ -319,7 +319,8 @@ def whole_volume_roi(shape: Sequence[int], roi: Sequence[int], overlap: float,
 def segment_prepared(model: torch.nn.Module, tensor: torch.Tensor, grid: Any, reference: Any,
                      channel_values: Sequence[int], roi: Sequence[int], overlap: float, mode: str,
                      sw_batch_size: int, device: torch.device, events: EventSink = NULL_SINK,
-                     smooth: bool | None = None, cancel: CancelFn | None = None, whole_volume: bool = False) -> Any:
+                     smooth: bool | None = None, cancel: CancelFn | None = None, whole_volume: bool = False,
+                     runtime: str = "eager", model_key: str | None = None) -> Any:
     """Model-grid input (from ``infer.preprocess.prepare``) → label image on ``reference``'s exact grid.
 
     ``smooth`` (default: on CUDA) keeps the blended scores on the device and resamples them trilinearly onto the
@@ -328,19 +329,24 @@ def segment_prepared(model: torch.nn.Module, tensor: torch.Tensor, grid: Any, re
     ``Invertd(nearest_interp=True)`` behaviour, and the cheap choice on a CPU). CUDA out-of-memory retries with
     fewer windows, then on the CPU; GPU memory is released afterwards. On the CPU one window per batch is used:
     batching brings no speed there, only memory. ``whole_volume`` (meant for ``--fast``) runs one window covering
-    the whole (small) volume when that is less work than the tiling: see :func:`whole_volume_roi`.
+    the whole (small) volume when that is less work than the tiling: see :func:`whole_volume_roi`. ``runtime``
+    (``auto``/``eager``/a name of :mod:`vocoslicer.infer.runtime`) runs the CPU windows through a compiled graph
+    cached per ``model_key`` (the bundle's weights sha256) and window shape, falling back to eager on failure.
     """
     from vocoslicer.infer.oom import device_job, run_with_oom_fallback
     from vocoslicer.infer.postprocess import labels_to_reference, scores_to_reference_torch
+    from vocoslicer.infer.runtime import MAX_WINDOW_VOXELS, runtime_model, will_compile
 
     use_smooth = device.type == "cuda" if smooth is None else bool(smooth)
-    if whole_volume:
-        roi = whole_volume_roi(tensor.shape[-3:], roi, overlap)
     enable_fast_attention(model)
+    if whole_volume:
+        compiled = will_compile(model, device, runtime)  # a compiled runtime wants smaller windows
+        roi = whole_volume_roi(tensor.shape[-3:], roi, overlap,
+                               MAX_WINDOW_VOXELS if compiled else WHOLE_VOLUME_MAX_VOXELS)
     report = _progress_events(events, "sliding-window inference")
 
     def fn(dev: torch.device, bs: int) -> Any:
-        net = model.to(dev)
+        net = runtime_model(model.to(dev), dev, runtime, model_key, events=events)
         if dev.type != "cuda":
             bs = 1
         if use_smooth:

@@ -4,7 +4,8 @@ Starting Python, importing torch/MONAI and loading a model costs seconds; a Slic
 case with the same model. ``vocoslicer serve --stdio`` pays that once. Protocol (one JSON object per line):
 
 request  ``{"id": ..., "op": "segment"|"classify"|"ping"|"shutdown", "input": ..., "output": ..., "model": ...,
-"device": ..., ["fast": bool, "overlap": float, "series": uid, "smooth": bool, "largest_component": bool]}``
+"device": ..., ["fast": bool, "overlap": float, "series": uid, "smooth": bool, "largest_component": bool,
+"runtime": "auto"|"eager"|name]}``
 A segment request without ``"model"`` uses the default model of ``vocoslicer segment`` (the bundled demo model).
 
 replies  zero or more event lines (the :class:`~vocoslicer.jobs.events.EventSink` JSON form plus ``"id"``), then
@@ -133,7 +134,9 @@ class ModelCache:
 class Worker:
     """Serves requests from ``stdin`` on ``stdout`` until ``shutdown`` or end of input."""
 
-    def __init__(self, stdin: IO[str], stdout: IO[str], device: str = "auto", cache_size: int = 2) -> None:
+    def __init__(self, stdin: IO[str], stdout: IO[str], device: str = "auto", cache_size: int = 2,
+                 runtime: str = "auto") -> None:
+        self.runtime = runtime  # default of requests that name none (compiled graphs stay loaded between cases)
         self.stdin = stdin
         self.stdout = stdout
         self.device = device
@@ -241,12 +244,14 @@ class Worker:
     def _segment(self, req: dict[str, Any], sink: ProtocolSink) -> dict[str, Any]:
         from vocoslicer.infer.postprocess import keep_largest_component_image
         from vocoslicer.infer.preprocess import prepare
-        from vocoslicer.infer.segment import FAST_SPACING, labels_csv_path
+        from vocoslicer.infer.runtime import check_runtime
+        from vocoslicer.infer.segment import FAST_SPACING, bundle_key, labels_csv_path
         from vocoslicer.infer.sliding import segment_prepared
         from vocoslicer.io import check_output_path, read_image, write_image
 
         dev = self._device(req)
         check_output_path(req["output"], inputs=[req["input"]], sidecars=[labels_csv_path(req["output"])])
+        runtime = check_runtime(str(req.get("runtime") or self.runtime))
         bundle = load_bundle(req.get("model"))
         if bundle.task != "segmentation":
             raise UserError(f"model {bundle.describe()} is a {bundle.task} model, not a segmentation model")
@@ -268,7 +273,8 @@ class Worker:
         sink.progress(1, 3, stage=f"inference on {dev.type}")
         label = segment_prepared(model, prepared.tensor, prepared.grid, img, bundle.channel_values, inf["roi_size"],
                                  overlap, str(inf["mode"]), int(inf["sw_batch_size"]), dev, sink,
-                                 smooth=req.get("smooth"), whole_volume=bool(req.get("fast")))
+                                 smooth=req.get("smooth"), whole_volume=bool(req.get("fast")), runtime=runtime,
+                                 model_key=bundle_key(bundle))
         if req.get("largest_component"):
             label = keep_largest_component_image(label)
         sink.progress(3, 3, stage="writing")
@@ -297,8 +303,12 @@ class Worker:
         return {**result, "device": str(dev), "model_cached": cached, "model_load_seconds": round(load_s, 3)}
 
 
-def serve_stdio(device: str = "auto", cache_size: int = 2) -> int:
+def serve_stdio(device: str = "auto", cache_size: int = 2, runtime: str = "auto", threads: int | None = None) -> int:
     """Run a worker on this process's stdin/stdout (``vocoslicer serve --stdio``)."""
+    from vocoslicer.infer.runtime import apply_threads, check_runtime
+
+    check_runtime(runtime)
+    apply_threads(threads)
     stdout = sys.stdout
     # pay the heavy imports before the first request (that is the point of a warm worker)
     import monai.networks.nets  # noqa: F401
@@ -313,4 +323,4 @@ def serve_stdio(device: str = "auto", cache_size: int = 2) -> int:
         stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     with contextlib.suppress(AttributeError, ValueError):  # a non-UTF-8 line is a bad request, not a dead worker
         sys.stdin.reconfigure(errors="replace")  # type: ignore[union-attr]
-    return Worker(sys.stdin, stdout, device, cache_size).serve()
+    return Worker(sys.stdin, stdout, device, cache_size, runtime).serve()
