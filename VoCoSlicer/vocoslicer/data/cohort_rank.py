@@ -215,7 +215,8 @@ def rank_cohort(cohort_dir: str | Path, model_spec: str, strategy: str = "uncert
         events.warning(cohort.warning)
     cases = cohort.cases()
     cand = [c for c in cases if not is_corrected(c)]
-    labelled = [c for c in cases if is_corrected(c)]
+    # the centres diversity covers from: cases the model learns from (validation cases are not training data)
+    labelled = [c for c in cases if is_corrected(c) and c.split != "val"]
     if not cand:
         raise UserError(f"{cohort.root}: no unlabelled case to rank ({len(cases)} cases, all corrected)")
     scorer = CaseScorer(cohort, model_spec, device, fast, events)
