@@ -108,6 +108,11 @@ def test_segment_cli_writes_score_json_and_map(tmp_path: Path) -> None:
     assert art["uncertainty"] == rep["uncertainty"] and art["uncertainty_json"].endswith(".uncertainty.json")
     assert any(e["kind"] == "metric" and "structures" in e for e in events)
     assert sitk.ReadImage(str(tmp_path / "u.nrrd")).GetSize() == sitk.ReadImage(str(files["image"])).GetSize()
+    bad = subprocess.run([sys.executable, "-m", "vocoslicer", "segment", str(files["image"]), "-o",
+                          str(tmp_path / "x.nii.gz"), "--model", str(bundle), "--device", "cpu", "--uncertainty-map",
+                          str(tmp_path / "u.txt")], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--uncertainty-map" in bad.stderr
+    assert not (tmp_path / "x.nii.gz").exists()  # refused before any inference: nothing half-written
 
 
 def test_worker_request_returns_the_score(tmp_path: Path) -> None:

@@ -115,7 +115,7 @@ def run_segment(input_path: str, output: str, model_spec: str | None = None, dev
     if uncertainty or uncertainty_map or tta != "none":
         from vocoslicer.infer.uncertainty import UncertaintyRequest, write_uncertainty
 
-        unc = UncertaintyRequest(tta=tta, want_map=bool(uncertainty_map))
+        unc = UncertaintyRequest(tta=tta, map_path=uncertainty_map)
     with job.gpu_lock(dev):
         label = segment_image(img, bundle, device=dev, fast=fast, overlap=overlap, events=events,
                               cancel=job.should_stop, largest_component=largest_component, uncertainty=unc)
@@ -123,8 +123,8 @@ def run_segment(input_path: str, output: str, model_spec: str | None = None, dev
         raise Cancelled("segmentation cancelled; nothing was written")
     write_image(label, out)
     csv_path = bundle.labels.write_csv(labels_csv_path(out))
-    extra = {} if unc is None else write_uncertainty(unc, out, uncertainty_map, events, input=str(input_path),
-                                                     model=bundle.id, model_version=bundle.version)
+    extra = {} if unc is None else write_uncertainty(unc, out, events, input=str(input_path), model=bundle.id,
+                                                     model_version=bundle.version)
     seconds = time.perf_counter() - t0
     events.artifact(out, "segmentation", labels=str(csv_path), model=bundle.id, model_version=bundle.version,
                     seconds=round(seconds, 3), **extra)

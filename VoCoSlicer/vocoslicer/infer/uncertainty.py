@@ -34,10 +34,12 @@ SLAB = 16  # z slices per softmax block: keeps the float32 probabilities of a sl
 
 @dataclass
 class UncertaintyRequest:
-    """What the caller wants (``tta``, ``want_map``); :func:`segment_prepared_uncertain` fills ``report`` and
-    ``map_image``. Passed to ``segment_image(..., uncertainty=req)`` so its return value stays a label image."""
+    """What the caller wants (``tta``, ``map_path`` or just ``want_map``); :func:`segment_prepared_uncertain`
+    fills ``report`` and ``map_image``. Passed to ``segment_image(..., uncertainty=req)`` so its return value
+    stays a label image. Bad choices fail here, before any inference (nothing is written)."""
 
     tta: str = "none"
+    map_path: str | Path | None = None
     want_map: bool = False
     report: dict[str, Any] = field(default_factory=dict)
     map_image: sitk.Image | None = None
@@ -45,6 +47,14 @@ class UncertaintyRequest:
     def __post_init__(self) -> None:
         if self.tta not in TTA_CHOICES:
             raise UserError(f"unknown --tta {self.tta!r} (choose one of {', '.join(TTA_CHOICES)})")
+        if self.map_path is not None:
+            from vocoslicer.io.volume import _WRITE_EXTENSIONS, _ext
+
+            p = Path(self.map_path)
+            if p.is_dir() or _ext(p) not in _WRITE_EXTENSIONS:
+                raise UserError(f"--uncertainty-map {p}: give a volume file name ending in "
+                                f"{', '.join(_WRITE_EXTENSIONS)}")
+            self.want_map = True
 
 
 def _softmax_slabs(scores: torch.Tensor, fn: Callable[[torch.Tensor, int, int], None], slab: int = SLAB) -> None:
@@ -205,16 +215,18 @@ def uncertainty_json_path(output: str | Path) -> Path:
     return p.with_name(p.name[: -len(".labels.csv")] + ".uncertainty.json")
 
 
-def write_uncertainty(request: UncertaintyRequest, output: str | Path, map_path: str | Path | None,
-                      events: EventSink = NULL_SINK, **context: Any) -> dict[str, Any]:
-    """Write the JSON next to ``output`` (and the map to ``map_path``), emit a metric event; returns the fields
-    for the caller's result/artifact (``uncertainty``, ``uncertainty_json``, ``uncertainty_map``)."""
+def write_uncertainty(request: UncertaintyRequest, output: str | Path, events: EventSink = NULL_SINK,
+                      **context: Any) -> dict[str, Any]:
+    """Write the JSON next to ``output`` (and the map to ``request.map_path``), emit a metric event; returns the
+    fields for the caller's result/artifact (``uncertainty``, ``uncertainty_json``, ``uncertainty_map``).
+
+    The batch path calls this per case after writing the label map, as ``segment`` and the worker do."""
     from vocoslicer.io import atomic_write_json, write_image
 
     rep = dict(request.report, **context)
     fields: dict[str, Any] = {"uncertainty": rep["uncertainty"]}
-    if map_path is not None and request.map_image is not None:
-        fields["uncertainty_map"] = rep["map"] = str(write_image(request.map_image, map_path, compress=True))
+    if request.map_path is not None and request.map_image is not None:
+        fields["uncertainty_map"] = rep["map"] = str(write_image(request.map_image, request.map_path))
     js = atomic_write_json(uncertainty_json_path(output), rep)
     fields["uncertainty_json"] = str(js)
     events.metric(0, split="inference", uncertainty=rep["uncertainty"],

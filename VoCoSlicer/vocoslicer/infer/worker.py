@@ -197,7 +197,7 @@ class Worker:
         if req.get("uncertainty") or req.get("uncertainty_map") or req.get("tta", "none") != "none":
             from vocoslicer.infer.uncertainty import UncertaintyRequest, segment_prepared_uncertain, write_uncertainty
 
-            unc = UncertaintyRequest(tta=str(req.get("tta") or "none"), want_map=bool(req.get("uncertainty_map")))
+            unc = UncertaintyRequest(tta=str(req.get("tta") or "none"), map_path=req.get("uncertainty_map"))
             label = segment_prepared_uncertain(model, prepared.tensor, prepared.grid, img, bundle.channel_values,
                                                inf["roi_size"], overlap, str(inf["mode"]), int(inf["sw_batch_size"]),
                                                dev, unc, sink, smooth=req.get("smooth"),
@@ -212,8 +212,7 @@ class Worker:
         sink.progress(3, 3, stage="writing")
         out = write_image(label, req["output"])
         csv_path = bundle.labels.write_csv(labels_csv_path(out))
-        extra = {} if unc is None else write_uncertainty(unc, out, req.get("uncertainty_map"), sink,
-                                                         input=str(req["input"]), model=bundle.id,
+        extra = {} if unc is None else write_uncertainty(unc, out, sink, input=str(req["input"]), model=bundle.id,
                                                          model_version=bundle.version)
         sink.artifact(out, "segmentation", labels=str(csv_path), model=bundle.id, model_version=bundle.version,
                       **extra)
