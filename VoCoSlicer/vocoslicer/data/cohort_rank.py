@@ -241,7 +241,8 @@ def rank_cohort(cohort_dir: str | Path, model_spec: str, strategy: str = "uncert
               "alpha": alpha if strategy == "hybrid" else None, "n_candidates": len(cand),
               "n_labelled": len(labelled), "ranking": [r.to_dict() for r in ranked]}
     atomic_write_json(scorer.dir / f"ranking-{strategy}-seed{seed}.json", result)
-    atomic_write_json(cohort.root / RANK_DIR / LATEST, result)
+    latest = atomic_write_json(cohort.root / RANK_DIR / LATEST, result)
+    events.artifact(latest, "ranking", strategy=strategy, seed=seed, top=ranked[0].case if ranked else None)
     return result
 
 

@@ -10,7 +10,8 @@ segmented flipped along each axis; the score is then the entropy of the mean pro
 
 The label map written is the one ``segment`` writes without uncertainty (same scores, same resampling), so asking
 for a score never changes the segmentation. The map (``--uncertainty-map``) is the entropy resampled linearly
-onto the input grid, in [0, 1].
+onto the input grid, in [0, 1]. Per-structure scores and voxel counts are taken on the model grid (where the
+scores live), over the voxels the model's argmax gives each structure there.
 """
 
 from __future__ import annotations
