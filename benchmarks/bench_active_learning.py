@@ -25,6 +25,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -72,6 +73,7 @@ def run_one(work: Path, strategy: str, seed: int, a: argparse.Namespace) -> list
     done = root / "curve.json"
     if done.is_file():
         return [tuple(x) for x in json.loads(done.read_text())]  # type: ignore[misc]
+    shutil.rmtree(root, ignore_errors=True)  # an interrupted loop restarts from its first round
     cohort = Cohort.init(root / "cohort", val_ratio=0.0)  # corrected pool cases train; held-out cases are val
     truth = {}
     for s in range(a.pool):
