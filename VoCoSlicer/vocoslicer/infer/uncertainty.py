@@ -8,8 +8,9 @@ give the labels and the entropy. With ``tta="flip"`` (only when asked: three mor
 segmented flipped along each axis; the score is then the entropy of the mean probabilities and
 ``tta_disagreement`` the share of foreground voxels where a flipped pass votes another label.
 
-The label map written is the one ``segment`` writes without uncertainty (same scores, same resampling), so asking
-for a score never changes the segmentation. The map (``--uncertainty-map``) is the entropy resampled linearly
+The label map written is the one ``segment`` writes without uncertainty (same scores, same resampling; on the
+model-grid argmax path up to float16 rounding of exact near-ties), so asking for a score does not change the
+segmentation. The map (``--uncertainty-map``) is the entropy resampled linearly
 onto the input grid, in [0, 1]. Per-structure scores and voxel counts are taken on the model grid (where the
 scores live), over the voxels the model's argmax gives each structure there.
 """
