@@ -62,6 +62,10 @@ def test_k_centre_greedy_covers_the_space_and_hybrid_mixes_uncertainty() -> None
     assert select("hybrid", list(unc), unc, feats, ["lab"], alpha=0.9)[0][0] == "near"
     assert select("hybrid", list(unc), unc, feats, ["lab"], alpha=0.1)[0][0] in ("far2", "other")  # far, sure
     assert [c for c, _ in select("uncertainty", list(unc), unc)][:1] == ["near"]
+    from vocoslicer.commands.cohort_active import STRATEGIES as CLI_CHOICES
+    from vocoslicer.data.cohort_rank import STRATEGIES
+
+    assert CLI_CHOICES == STRATEGIES
     with pytest.raises(UserError, match="unknown strategy"):
         select("entropy", ["a"])
     with pytest.raises(UserError, match="alpha"):

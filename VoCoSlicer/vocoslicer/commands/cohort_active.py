@@ -51,10 +51,12 @@ def _curve(args: argparse.Namespace) -> int:
     return 0
 
 
+# = vocoslicer.data.cohort_rank.STRATEGIES, spelled out so that building the CLI imports no numpy/SimpleITK
+STRATEGIES = ("uncertainty", "diversity", "random", "hybrid")
+
+
 def register(verbs: argparse._SubParsersAction) -> None:
     """Add ``rank`` and ``curve`` to the ``cohort`` verbs."""
-    from vocoslicer.data.cohort_rank import STRATEGIES
-
     v = verbs.add_parser("rank", help="order the unlabelled cases: which one to correct next",
                          description="Segments (or reuses the cached scores of) the unlabelled cases with --model "
                                      "and prints them best first; stored in COHORT/ranking/latest.json.")
