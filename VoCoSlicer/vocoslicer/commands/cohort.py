@@ -1,4 +1,4 @@
-"""``vocoslicer cohort init|add|list|remove|split|export``: manage a local cohort of corrected cases."""
+"""``vocoslicer cohort init|add|list|remove|split|export|rank|curve``: manage a local cohort of corrected cases."""
 
 from __future__ import annotations
 
@@ -149,4 +149,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--out", required=True, help="new folder")
     v.set_defaults(func=_export)
 
+    from vocoslicer.commands import cohort_active
+
+    cohort_active.register(verbs)  # rank, curve
     p.set_defaults(func=lambda args: p.print_help() or 2)

@@ -43,6 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--series", default=None, help="DICOM SeriesInstanceUID when the folder holds several series")
     p.add_argument("--largest-component", action="store_true",
                    help="keep only the largest connected component of each label (removes stray islands)")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="write a per-case uncertainty score (OUT with .uncertainty.json; from the same scores)")
+    p.add_argument("--uncertainty-map", default=None, metavar="MAP",
+                   help="also write the voxel entropy in [0, 1] on the input grid to MAP (implies --uncertainty)")
+    p.add_argument("--tta", choices=("none", "flip"), default="none",
+                   help="flip test-time augmentation for the uncertainty (3 more passes; implies --uncertainty)")
     p.add_argument("--truth", default=None, help="ground-truth label map: print per-label Dice after segmenting")
     from vocoslicer.infer.batch_cli import add_batch_arguments
 
@@ -98,10 +104,13 @@ def run(args: argparse.Namespace) -> int:
     if args.out_format not in (None, "nifti", "nrrd", "seg.nrrd", "mha"):
         raise UserError(f"--format {args.out_format} does not match the output name {args.output}")
     result = run_segment(args.input, args.output, args.model, args.device, args.fast, args.series, args.overlap,
-                         largest_component=args.largest_component, runtime=args.runtime,
-                         threads=args.threads)  # events: the job context's (--run-dir/--events)
+                         largest_component=args.largest_component, runtime=args.runtime, threads=args.threads,
+                         uncertainty=args.uncertainty, uncertainty_map=args.uncertainty_map,
+                         tta=args.tta)  # events: the job context's (--run-dir/--events)
     out = sys.stderr if args.events == "stdout" else sys.stdout
     print(f"wrote {result['output']} and {result['labels']} ({result['model']}, {result['seconds']:.1f} s)", file=out)
+    if "uncertainty" in result:
+        print(f"uncertainty {result['uncertainty']:.4f} (details: {result['uncertainty_json']})", file=out)
     if args.truth:
         print_dice(result["output"], args.truth, result["labels"], out)
     return 0

@@ -5,7 +5,7 @@ case with the same model. ``vocoslicer serve --stdio`` pays that once. Protocol 
 
 request  ``{"id": ..., "op": "segment"|"classify"|"ping"|"shutdown", "input": ..., "output": ..., "model": ...,
 "device": ..., ["fast": bool, "overlap": float, "series": uid, "smooth": bool, "largest_component": bool,
-"runtime": "auto"|"eager"|name]}``
+"runtime": "auto"|"eager"|name, "uncertainty": bool, "uncertainty_map": path, "tta": "none"|"flip"]}``
 A segment request without ``"model"`` uses the default model of ``vocoslicer segment`` (the bundled demo model).
 
 replies  zero or more event lines (the :class:`~vocoslicer.jobs.events.EventSink` JSON form plus ``"id"``), then
@@ -271,18 +271,32 @@ class Worker:
         for w in prepared.warnings:
             sink.warning(w)
         sink.progress(1, 3, stage=f"inference on {dev.type}")
-        label = segment_prepared(model, prepared.tensor, prepared.grid, img, bundle.channel_values, inf["roi_size"],
-                                 overlap, str(inf["mode"]), int(inf["sw_batch_size"]), dev, sink,
-                                 smooth=req.get("smooth"), whole_volume=bool(req.get("fast")), runtime=runtime,
-                                 model_key=bundle_key(bundle))
+        unc = None
+        if req.get("uncertainty") or req.get("uncertainty_map") or req.get("tta", "none") != "none":
+            from vocoslicer.infer.uncertainty import UncertaintyRequest, segment_prepared_uncertain, write_uncertainty
+
+            unc = UncertaintyRequest(tta=str(req.get("tta") or "none"), map_path=req.get("uncertainty_map"))
+            label = segment_prepared_uncertain(model, prepared.tensor, prepared.grid, img, bundle.channel_values,
+                                               inf["roi_size"], overlap, str(inf["mode"]), int(inf["sw_batch_size"]),
+                                               dev, unc, sink, smooth=req.get("smooth"),
+                                               whole_volume=bool(req.get("fast")),
+                                               names={lb.value: lb.name for lb in bundle.labels})
+        else:
+            label = segment_prepared(model, prepared.tensor, prepared.grid, img, bundle.channel_values,
+                                     inf["roi_size"], overlap, str(inf["mode"]), int(inf["sw_batch_size"]), dev, sink,
+                                     smooth=req.get("smooth"), whole_volume=bool(req.get("fast")), runtime=runtime,
+                                     model_key=bundle_key(bundle))
         if req.get("largest_component"):
             label = keep_largest_component_image(label)
         sink.progress(3, 3, stage="writing")
         out = write_image(label, req["output"])
         csv_path = bundle.labels.write_csv(labels_csv_path(out))
-        sink.artifact(out, "segmentation", labels=str(csv_path), model=bundle.id, model_version=bundle.version)
+        extra = {} if unc is None else write_uncertainty(unc, out, sink, input=str(req["input"]), model=bundle.id,
+                                                         model_version=bundle.version)
+        sink.artifact(out, "segmentation", labels=str(csv_path), model=bundle.id, model_version=bundle.version,
+                      **extra)
         return {"output": str(out), "labels": str(csv_path), "model": bundle.describe(), "device": str(dev),
-                "model_cached": cached, "model_load_seconds": round(load_s, 3)}
+                "model_cached": cached, "model_load_seconds": round(load_s, 3), **extra}
 
     def _classify(self, req: dict[str, Any], sink: ProtocolSink) -> dict[str, Any]:
         from vocoslicer.infer.classify import OUTPUT_FORMATS, output_format, run_classify

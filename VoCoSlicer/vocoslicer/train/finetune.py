@@ -302,6 +302,10 @@ def run_finetune(opts: FinetuneOptions, events: EventSink = NULL_SINK,
         return {"id": model_id, "version": version, "steps": result["step"], "rank": int(os.environ["RANK"])}
     if not (best_dir / "model.json").is_file():  # no validation improved on nothing: keep the final weights
         write_best(seg_network(trainer.model), result["step"], {"val_dice": float("nan")})
+    from vocoslicer.data.cohort_curve import record_fixed_validation  # the cohort's Dice-per-labelled-case curve
+
+    record_fixed_validation(best_dir, cohort, [c.id for c in train_c], {} if val_p is train_p else
+                            {c.id: p for c, p in zip(val_c, val_p, strict=True)}, init, roi, events)
     best = ModelBundle.load(best_dir)
     summary: dict[str, Any] = {"bundle": str(best_dir), "id": model_id, "version": version,
                                "best_val_dice": result["best"], "best_step": result["best_step"],
