@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from vocoslicer.commands import _finetune_cls
 from vocoslicer.errors import UserError
 
 
@@ -82,11 +83,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                            "spacing, intensity window (default: VoCo CT, 1.5 mm, -175..250 HU)")
     p.add_argument("--no-install", action="store_true", help="keep the bundle in the run folder only")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _finetune_cls.add_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Handler: build the options, run, print the summary."""
+    if args.task == "classification":
+        return _finetune_cls.run(args)
     from vocoslicer.jobs.context import current_job
     from vocoslicer.jobs.events import EventSink
     from vocoslicer.train.finetune import FinetuneOptions, run_finetune

@@ -5,10 +5,12 @@ their own random stream (seeded by the phantom seed), so a seed is the same pati
 everything but the spleen size or the lesion is bit-identical, and a classifier can only tell them apart by the
 finding itself.
 
-- ``splenomegaly``: the spleen is scaled by 1.45-1.8 in every axis (3-6x its volume; a normal adult spleen is
-  about 12 cm long, splenomegaly starts at 13 cm) and grows caudally and anteriorly, as it does in patients.
-- ``liver_lesion``: one to three hypodense ellipsoids (20-35 HU below the parenchyma, 10-22 mm radius, a metastasis
-  or cyst-like contrast in the portal phase) inside the right liver lobe; the label map still calls it liver.
+- ``splenomegaly``: the spleen is scaled by 1.6-2.0 in every axis (4-8x its volume: massive splenomegaly; a normal
+  adult spleen is about 12 cm long) and grows caudally and anteriorly, as it does in patients. With 1.45-1.8 a tiny
+  ViT trained on 24 phantoms classified 12/16 held-out ones correctly, with 1.6-2.0 14/16.
+- ``liver_lesion``: one to three hypodense ellipsoids (20-35 HU below the parenchyma, 10-22 mm radius, a
+  metastasis- or cyst-like contrast in the portal phase) inside the right liver lobe; the label map still calls it
+  liver.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def draw_finding(kind: str | None, seed: int) -> Finding:
         raise UserError(f"phantom: unknown finding {kind!r} (choose from {', '.join(FINDINGS)})")
     rng = np.random.default_rng([int(seed), _STREAM])
     if kind == "splenomegaly":
-        return Finding(kind, spleen_scale=float(rng.uniform(1.45, 1.8)))
+        return Finding(kind, spleen_scale=float(rng.uniform(1.6, 2.0)))
     if kind == "liver_lesion":
         n = int(rng.integers(1, 4))
         lesions = []
