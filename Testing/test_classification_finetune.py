@@ -208,3 +208,19 @@ def test_torchrun_two_ranks_install_one_bundle(tmp_path: Path, home: Path) -> No
     assert [p.name for p in (home / "models" / "classifier-c").iterdir()] == ["1.0.0"]
     events = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
     assert sum(e["kind"] == "progress" and e.get("step") == 2 for e in events) == 1  # only rank 0 reports
+
+
+def test_result_csv_marks_positive_findings_of_a_multi_label_result() -> None:
+    from vocoslicer.infer.classify import probabilities, result_text
+
+    logits = torch.tensor([[2.0, 0.5, -3.0]])
+    soft, sig = probabilities(logits, False), probabilities(logits, True)
+    assert abs(float(soft.sum()) - 1) < 1e-6 and float(sig.sum()) > 1.0  # softmax vs independent sigmoids
+    res = {"classes": ["a", "b", "c"], "probabilities": sig[0].tolist(), "multi_label": True,
+           "positive": ["a", "b"], "predicted": {"index": 0, "name": "a", "probability": float(sig[0, 0])}}
+    rows = result_text(res, ".csv").splitlines()
+    assert rows[0] == "index,class,probability,predicted,positive"
+    assert [r.split(",")[-1] for r in rows[1:]] == ["1", "1", "0"]
+    single = {**res, "multi_label": False, "probabilities": soft[0].tolist()}
+    del single["positive"]
+    assert result_text(single, ".csv").splitlines()[0] == "index,class,probability,predicted"
