@@ -224,3 +224,26 @@ def test_result_csv_marks_positive_findings_of_a_multi_label_result() -> None:
     single = {**res, "multi_label": False, "probabilities": soft[0].tolist()}
     del single["positive"]
     assert result_text(single, ".csv").splitlines()[0] == "index,class,probability,predicted"
+
+
+def test_pumit_backbone_initialises_pumit_vit_cls(tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
+                                                 ) -> None:
+    from vocoslicer.models.pumit import PumitViT, vit_config
+    from vocoslicer.train.pretrain_pumit import export_backbone
+
+    torch.manual_seed(0)
+    vit = PumitViT(vit_config("tiny", in_channels=3, patch_depth=16))
+    backbone = export_backbone(vit, tmp_path / "backbone", 5, [], 0.5)
+    cohort = phantom_cohort(tmp_path / "c", range(3), val={2})
+    rc, out, err = run_cli(["finetune", "--task", "classification", "--cohort", str(cohort.root), "--init",
+                            str(backbone), "--input-size", "32", "--patch", "8", "--preprocessing", PRE, "--out",
+                            str(tmp_path / "run"), "--steps", "1", "--batch", "2", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    bundle = ModelBundle.load(json.loads(out.strip().splitlines()[-1])["installed"])
+    name, args = bundle.architecture
+    assert name == "pumit_vit_cls" and args["in_channels"] == 1 and args["vit_args"]["embed_dim"] == 32
+    assert bundle.meta["parent"]["id"] == "pumit-vit"
+    win = bundle.preprocessing["intensity"]
+    assert win["b_min"] == pytest.approx(-0.449 / 0.226) and win["b_max"] == pytest.approx(0.551 / 0.226)
+    key = "blocks.0.attn.k_proj.weight"  # pre-trained, then one AdamW step of at most ~lr per weight
+    assert torch.allclose(bundle.state_dict()[f"vit.{key}"], vit.state_dict()[key], atol=1e-3)

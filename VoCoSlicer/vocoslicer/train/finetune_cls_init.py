@@ -27,6 +27,17 @@ PUMIT_WINDOW = {"b_min": -1.0, "b_max": 1.0}
 """A fresh PUMIT ViT sees ``2x - 1`` of the window (PUMIT's BTCV downstream input, pumit_spec "downstream input
 normalisations"); measured on splenomegaly phantoms: with [0, 1] inputs the ViT stayed at chance (24 cases, 400
 steps), with 2x - 1 it reached 0.95 held-out accuracy. A PUMIT backbone bundle brings its own window."""
+IMAGENET_MEAN, IMAGENET_STD = 0.449, 0.226  # mean of the three ImageNet channel means / stds (1-channel CT)
+
+
+def pumit_window(backbone_pre: dict[str, Any]) -> dict[str, float]:
+    """Output range of the intensity window for a PUMIT backbone: its MIM pretraining saw ImageNet-normalised
+    [0, 1] crops (pumit_spec: ViT input), so the window maps to ``(x - mean) / std`` of that; else ``2x - 1``."""
+    if backbone_pre.get("normalization") == "imagenet":
+        return {"b_min": -IMAGENET_MEAN / IMAGENET_STD, "b_max": (1 - IMAGENET_MEAN) / IMAGENET_STD}
+    return dict(PUMIT_WINDOW)
+
+
 DEFAULT_INPUT = {"voco_classifier": [96, 96, 96], "pumit_vit_cls": [128, 128, 128]}
 
 
@@ -71,7 +82,9 @@ def arch_args(arch: str, n_classes: int, feature_size: int | None = None, vit_si
     if arch == "pumit_vit_cls":
         if patch is not None and patch not in (4, 8, 16):
             raise UserError(f"finetune: --patch must be 4, 8 or 16, got {patch}")
-        va = {**(vit_args or {}), **({"patch_size": int(patch)} if patch else {})}
+        va = dict(vit_args or {})
+        if patch and "patch_size" not in va:  # a backbone fixes the in-plane patch; --patch then sets the depth
+            va["patch_size"] = int(patch)
         return {"num_classes": n_classes, "in_channels": 1, "size": vit_size or "B", "patch_depth": int(patch or 16),
                 **({"vit_args": va} if va else {})}
     raise UserError(f"finetune: --arch must be one of {', '.join(ARCHS)}, got {arch!r}")
@@ -95,7 +108,10 @@ def _pumit_loader(state: dict[str, torch.Tensor], source: str, events: EventSink
     def load(model: torch.nn.Module) -> None:
         from vocoslicer.models.pumit import load_backbone
 
-        missing, unexpected = load_backbone(model, state)
+        try:
+            missing, unexpected = load_backbone(model, state)
+        except ValueError as exc:
+            raise UserError(f"{source}: does not fit this ViT ({exc})") from None
         if missing:
             raise UserError(f"{source}: does not fit this ViT ({len(missing)} tensors missing, e.g. {missing[:2]})")
         events.log(f"{source}: PUMIT backbone loaded ({len(unexpected)} backbone tensors unused)")
@@ -176,6 +192,8 @@ def resolve_cls_init(spec: str, n_classes: int, arch: str | None = None, feature
         from vocoslicer.models.pumit import backbone_vit_args
 
         vit_args = backbone_vit_args(args) if name == "pumit_vit" else args.get("vit_args")
+        if "intensity" not in (preprocessing or {}):
+            bpre["intensity"] = {**bpre["intensity"], **pumit_window(bundle.meta.get("preprocessing") or {})}
         new = arch_args("pumit_vit_cls", n_classes, vit_size=vit_size, vit_args=vit_args, patch=patch)
         return ClsInit(bundle.task, ("pumit_vit_cls", new), bpre, size_for("pumit_vit_cls"), parent,
                        bundle.describe(), _pumit_loader(bundle.state_dict(), src, events))
