@@ -118,6 +118,11 @@ def test_multi_label_resume_and_independent_probabilities(tmp_path: Path, home: 
     assert rc == 0 and len(res["probabilities"]) == 2 and all(0 < p < 1 for p in res["probabilities"])
     assert res["multi_label"] is True and set(res["positive"]) <= {"splenomegaly", "liver lesion"}
     assert res["positive"] == [c for c, p in zip(res["classes"], res["probabilities"], strict=True) if p >= 0.5]
+    # other architecture options on resume: refused before anything is touched
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    rc, _, err = run_cli([*base, "--input-size", "64", "--steps", "4", "--resume"], capsys)  # last value wins
+    assert rc == 2 and "resume it with the same" in err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
     # classes changed between start and resume: one line, exit 2, nothing written
     set_classes(cohort, "case0001", ["ascites"], allow_new=True)
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
@@ -242,7 +247,12 @@ def test_pumit_backbone_initialises_pumit_vit_cls(tmp_path: Path, home: Path, ca
     bundle = ModelBundle.load(json.loads(out.strip().splitlines()[-1])["installed"])
     name, args = bundle.architecture
     assert name == "pumit_vit_cls" and args["in_channels"] == 1 and args["vit_args"]["embed_dim"] == 32
-    assert bundle.meta["parent"]["id"] == "pumit-vit"
+    assert bundle.meta["parent"]["id"] == "pumit-vit" and bundle.preprocessing["depth_first"] is True
+    from vocoslicer.infer.classify import classifier_input
+
+    x, _ = classifier_input(generate_phantom(0, **GRID).image, {**bundle.preprocessing, "depth_first": True},
+                            [64, 32, 96])
+    assert x.shape == (1, 1, 96, 32, 64)  # slices first, as the PUMIT ViT was pre-trained
     win = bundle.preprocessing["intensity"]
     assert win["b_min"] == pytest.approx(-0.449 / 0.226) and win["b_max"] == pytest.approx(0.551 / 0.226)
     key = "blocks.0.attn.k_proj.weight"  # pre-trained, then one AdamW step of at most ~lr per weight

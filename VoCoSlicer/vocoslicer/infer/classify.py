@@ -58,11 +58,14 @@ def is_multi_label(bundle: ModelBundle) -> bool:
 
 def classifier_input(img: sitk.Image, preprocessing: dict[str, Any], size: tuple[int, int, int] | list[int]
                      ) -> tuple[torch.Tensor, list[str]]:
-    """The (1, 1, X, Y, Z) network input of a whole volume and the preprocessing warnings (train = inference)."""
+    """The (1, 1, X, Y, Z) network input of a whole volume (``depth_first``: (1, 1, Z, Y, X)) and the
+    preprocessing warnings; training calls this too, so train = inference."""
     from vocoslicer.infer.preprocess import prepare
 
     prepared = prepare(img, preprocessing)
     x = F.interpolate(prepared.tensor, size=tuple(int(s) for s in size), mode="trilinear", align_corners=False)
+    if preprocessing.get("depth_first"):  # PUMIT ViTs take (N, C, D, H, W): slices first, their patch is (d, 16, 16)
+        x = x.permute(0, 1, 4, 3, 2).contiguous()
     return x, list(prepared.warnings)
 
 

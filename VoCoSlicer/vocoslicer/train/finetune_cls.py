@@ -289,6 +289,13 @@ def run_classification_finetune(opts: ClsOptions, events: EventSink = NULL_SINK,
     if init.classes is not None and (init.classes != classes or bool(init.multi_label) != multi):
         raise UserError(f"--init {opts.init}: its classes {init.classes} are not the cohort's {classes}; finetune "
                         "from its backbone instead (--init with the VoCo checkpoint) or relabel the cohort")
+    if saved and (saved.get("arch") != init.arch[0] or saved.get("arch_args", init.arch[1]) != init.arch[1]
+                  or saved.get("input_size", init.input_size) != init.input_size):
+        raise UserError(f"{out}: this run was started with {saved.get('arch')} {saved.get('arch_args')} at input "
+                        f"{saved.get('input_size')}; resume it with the same --init/--arch/--input-size options")
+    if saved and saved.get("cohort_version") != cohort_version:
+        events.warning(f"the cohort changed since this run started (version {saved.get('cohort_version')} → "
+                       f"{cohort_version}); continuing on its current cases")
     torch.manual_seed(opts.seed)
     model = init.build()
     train_p = _prepare(train_c, classes, multi, init, events)
@@ -309,7 +316,8 @@ def run_classification_finetune(opts: ClsOptions, events: EventSink = NULL_SINK,
                            parent=init.parent, training=training)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(state_path, {"model_id": model_id, "version": version, "cohort_version": cohort_version,
-                                   "classes": classes, "multi_label": multi, "arch": name,
+                                   "classes": classes, "multi_label": multi, "arch": name, "arch_args": args,
+                                   "input_size": list(init.input_size),
                                    "options": json.loads(json.dumps(asdict(opts), default=str))})
     best_dir = out / "best_bundle"
 

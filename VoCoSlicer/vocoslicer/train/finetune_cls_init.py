@@ -140,8 +140,10 @@ def resolve_cls_init(spec: str, n_classes: int, arch: str | None = None, feature
 
     if spec == "scratch":
         name = arch or "voco_classifier"
-        if name == "pumit_vit_cls" and "intensity" not in (preprocessing or {}):
-            pre["intensity"] = {**pre["intensity"], **PUMIT_WINDOW}
+        if name == "pumit_vit_cls":
+            pre.setdefault("depth_first", True)  # as PUMIT's own backbones (slices first)
+            if "intensity" not in (preprocessing or {}):
+                pre["intensity"] = {**pre["intensity"], **PUMIT_WINDOW}
         return ClsInit("scratch", (name, arch_args(name, n_classes, feature_size, vit_size, pool=pool, patch=patch)),
                        pre,
                        size_for(name), None, "random initialisation")
