@@ -84,3 +84,16 @@ def test_single_and_multi_label_results_on_the_scene(slicer_core) -> None:
     classify_view.show_result(scene, single, vol, table)  # back to single-label: stale findings removed
     assert vol.GetAttribute(classify_view.FINDINGS_ATTRIBUTE) is None
     assert table.GetTable().GetNumberOfColumns() == 2
+
+
+def test_finetune_args_are_the_engines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cohort = tmp_path / "c"
+    assert main(["cohort", "init", str(cohort)]) == 0
+    args = classify_view.finetune_args(str(cohort), "scratch", str(tmp_path / "run"), steps=5, device="cpu",
+                                       arch="pumit_vit_cls", multi_label=True)
+    assert args[:3] == ["finetune", "--task", "classification"] and "--multi-label" in args
+    capsys.readouterr()
+    assert main(args) == 2  # parsed by the real engine parser; the empty cohort is refused, nothing written
+    assert "no case has a class" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="cohort folder"):
+        classify_view.finetune_args("", "scratch", "r")

@@ -78,6 +78,23 @@ def with_class(commands: list[list[str]], text: str, known: list[str]) -> list[l
     return out
 
 
+def finetune_args(cohort_dir: str, init: str, run_dir: str, steps: int = 200, device: str = "auto",
+                  arch: str = "", multi_label: bool | None = None) -> list[str]:
+    """``finetune --task classification`` for a "Finetune classifier" action (the engine's recipe defaults:
+    AdamW 3e-4, batch 4, warm-up 5 %, no AMP); ``init`` is ``voco-b-ssl``, a bundle, a checkpoint or ``scratch``."""
+    if not cohort_dir:
+        raise ValueError("choose a cohort folder first")
+    if not init:
+        raise ValueError("choose the starting weights (voco-b-ssl, a model or scratch)")
+    args = ["finetune", "--task", "classification", "--cohort", str(cohort_dir), "--init", str(init), "--out",
+            str(run_dir), "--steps", str(int(steps)), "--device", device]
+    if arch:
+        args += ["--arch", arch]
+    if multi_label is not None:
+        args.append("--multi-label" if multi_label else "--no-multi-label")
+    return args
+
+
 def proposed_text(result: dict[str, Any]) -> str:
     """What the combobox shows after Classify: the top class, or a multi-label result's positive findings."""
     if result.get("multi_label"):
