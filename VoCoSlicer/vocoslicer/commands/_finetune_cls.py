@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="segmentation (label maps, default) or classification (the cohort's case classes)")
     g = p.add_argument_group("classification (--task classification)",
                              "the shared --lr/--batch/--warmup/--amp default to the official CC-CCII recipe here: "
-                             "3e-4, 4, 5 %% of the steps, off; the best validation accuracy (multi-label: mean AUC) "
+                             "3e-4, 4, 5 % of the steps, off; the best validation accuracy (multi-label: mean AUC) "
                              "becomes a classification bundle version")
     g.add_argument("--arch", choices=("voco_classifier", "pumit_vit_cls"), default=None,
                    help="classifier: the official VoCo one (SwinUNETR-v2 encoder+decoder, average pool, linear; "
