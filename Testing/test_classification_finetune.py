@@ -257,3 +257,25 @@ def test_pumit_backbone_initialises_pumit_vit_cls(tmp_path: Path, home: Path, ca
     assert win["b_min"] == pytest.approx(-0.449 / 0.226) and win["b_max"] == pytest.approx(0.551 / 0.226)
     key = "blocks.0.attn.k_proj.weight"  # pre-trained, then one AdamW step of at most ~lr per weight
     assert torch.allclose(bundle.state_dict()[f"vit.{key}"], vit.state_dict()[key], atol=1e-3)
+
+
+def test_class_balanced_batches_and_official_augmentation() -> None:
+    from vocoslicer.train.finetune_cls import ClassBatches, Prepared, augment, sample_weights
+
+    cases = [Prepared(f"c{i}", torch.full((1, 4, 4, 4), 0.5), torch.tensor(int(i > 0)), (int(i > 0),))
+             for i in range(4)]  # 1 normal, 3 splenomegaly
+    w = sample_weights(cases, 2)
+    assert torch.allclose(w, torch.tensor([1.0, 1 / 3, 1 / 3, 1 / 3]))
+    torch.manual_seed(0)
+    ys = torch.cat([y for _ in range(200) for _, y in ClassBatches(cases, 4, True, False, 2)])
+    assert abs(float(ys.float().mean()) - 0.5) < 0.05  # each class drawn equally often, not 3:1
+    multi = [Prepared("a", cases[0].x, torch.tensor([1.0, 1.0]), (0, 1)), Prepared("b", cases[0].x,
+                                                                                    torch.tensor([1.0, 0.0]), (0,))]
+    assert torch.allclose(sample_weights(multi, 2), torch.tensor([0.75, 0.5]))
+    x = (torch.arange(6.0) / 5 * 0.8 + 0.1).expand(64, 1, 4, 4, 6).clone()  # intensity ramp along the slices
+    out = augment(x)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    falling = (out[:, 0, 0, 0, -1] < out[:, 0, 0, 0, 0]).sum()
+    assert 16 < int(falling) < 48  # the slice axis is flipped in about half of the volumes
+    changed = (out - x).abs().amax(dim=(1, 2, 3, 4))
+    assert float(changed.min()) > 0  # brightness/contrast jitter on every volume
