@@ -10,7 +10,8 @@ import sys
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``classify`` command."""
     p = sub.add_parser("classify", help="classify a CT volume with a classification model bundle",
-                       description="Prints the softmax probability of every class; -o writes them as JSON or CSV "
+                       description="Prints the probability of every class (softmax; a multi-label model: independent "
+                                   "sigmoids and the positive classes); -o writes them as JSON or CSV "
                                    "(atomically).")
     p.add_argument("input", help="volume file (.nii/.nii.gz/.nrrd/.mha) or DICOM series folder")
     p.add_argument("--model", required=True, help="classification bundle path, installed ID or ID@VERSION")
@@ -52,5 +53,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {result['output']}: {result['predicted']['name']} ({result['predicted']['probability']:.3f})",
               file=out)
     else:
-        print(json.dumps({k: result[k] for k in ("classes", "probabilities", "predicted")}, indent=2), file=out)
+        keys = ("classes", "probabilities", "predicted", "multi_label", "positive")
+        print(json.dumps({k: result[k] for k in keys if k in result}, indent=2), file=out)
     return 0

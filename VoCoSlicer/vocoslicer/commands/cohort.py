@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from vocoslicer.commands import _cohort_classes as cohort_classes
+
 
 def _open(args: argparse.Namespace) -> Any:
     from vocoslicer.data.cohort import Cohort
@@ -33,36 +35,43 @@ def _add(args: argparse.Namespace) -> int:
     if args.labels and not args.label:
         raise UserError("--labels needs --label (a label map)")
     cohort = _open(args)
+    cohort_classes.precheck(cohort, args)
     prov = Provenance(model_id=args.model_id or "", model_version=args.model_version or "",
                       model_sha256=args.model_sha256 or "", corrected=not args.uncorrected, by=args.by or "",
                       note=args.note or "")
     res = cohort.add(args.image, label=args.label, labels=args.labels, provenance=prov, case_id=args.id,
                      split=args.split, resample_label=args.resample_label)
+    class_version = cohort_classes.apply(cohort, args, res.case_id, prov)
     print(json.dumps({"case": res.case_id, "created": res.created, "label_version": res.label_version,
-                      "cohort_version": res.cohort_version}))
+                      "class_version": class_version, "cohort_version": cohort.version}))
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
     cohort = _open(args)
     cases = cohort.cases()
+    data = cohort.manifest
     if args.json:
         out = {"cohort": str(cohort.root), "version": cohort.version, "labels": cohort.labels.to_list(),
+               **cohort_classes.list_json(data),
                "cases": [{"id": c.id, "image": str(c.image), "split": c.split, "hash": c.hash,
                           "label": str(c.label) if c.label else None,
                           "label_versions": [{k: v for k, v in lv.items() if k != "abs_path"}
-                                             for lv in c.label_versions]} for c in cases]}
+                                             for lv in c.label_versions],
+                          **cohort_classes.case_json(data, c.id)} for c in cases]}
         print(json.dumps(out, indent=2))
         return 0
     n_lab = sum(c.labelled for c in cases)
     print(f"{cohort.root}  version {cohort.version}  {len(cases)} cases ({n_lab} labelled, "
           f"{len(cases) - n_lab} unlabelled)")
+    if counts := cohort_classes.counts_text(data):
+        print(f"  {counts}")
     for c in cases:
         prov = c.label_versions[-1]["provenance"] if c.labelled else {}
         who = (f"v{len(c.label_versions)} {'corrected' if prov.get('corrected') else 'proposed'}"
                f"{' by ' + prov['by'] if prov.get('by') else ''}"
                f"{' from ' + prov['model_id'] if prov.get('model_id') else ''}") if c.labelled else "unlabelled"
-        print(f"  {c.id:12s} {c.split or '-':6s} {who}")
+        print(f"  {c.id:12s} {c.split or '-':6s} {who}{cohort_classes.case_text(data, c.id)}")
     return 0
 
 
@@ -123,6 +132,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--uncorrected", action="store_true", help="the label is a raw model proposal")
     v.add_argument("--by", help="who corrected the label (default: the current user)")
     v.add_argument("--note", help="free-text note")
+    cohort_classes.add_class_args(v)
     v.set_defaults(func=_add)
 
     v = verbs.add_parser("list", help="list the cases")
@@ -148,6 +158,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("cohort")
     v.add_argument("--out", required=True, help="new folder")
     v.set_defaults(func=_export)
+    cohort_classes.register_verbs(verbs)
 
     from vocoslicer.commands import cohort_active
 

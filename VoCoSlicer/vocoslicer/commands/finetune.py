@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from vocoslicer import config
+from vocoslicer.commands import _finetune_cls
 from vocoslicer.errors import UserError
 
 
@@ -83,6 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                            "spacing, intensity window (default: VoCo CT, 1.5 mm, -175..250 HU)")
     p.add_argument("--no-install", action="store_true", help="keep the bundle in the run folder only")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _finetune_cls.add_arguments(p)
     config.add_config_option(p)
     p.set_defaults(func=run, validate=validate)
 
@@ -107,6 +109,13 @@ def validate(args: argparse.Namespace) -> None:
     from vocoslicer.commands._jobsetup import check_device
     from vocoslicer.train.finetune import read_resume_state
 
+    if args.task == "classification":
+        from vocoslicer.train.finetune_cls import check_inputs
+
+        cls_opts = _finetune_cls.options(args)
+        check_device(cls_opts.device)
+        check_inputs(cls_opts)
+        return
     opts = _options(args)
     opts.validate()
     check_device(opts.device)
@@ -132,6 +141,8 @@ def validate(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler: build the options, run, print the summary."""
+    if args.task == "classification":
+        return _finetune_cls.run(args)
     from vocoslicer.jobs.context import current_job
     from vocoslicer.jobs.runner import job_event_sink
     from vocoslicer.train.finetune import run_finetune

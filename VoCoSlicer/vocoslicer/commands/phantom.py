@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-orientation", action="store_true",
                    help="permute/flip the array axes (direction matrix keeps the anatomy in place)")
     p.add_argument("--noise", type=float, default=None, metavar="HU", help="noise SD in HU (default: random 10-20)")
+    p.add_argument("--finding", choices=("none", "splenomegaly", "liver_lesion"), default=None,
+                   help="case-level finding with known truth (also writes phantom_<seed>_finding.json)")
     p.add_argument("--format", default=".nii.gz", choices=(".nii.gz", ".nii", ".nrrd", ".mha"),
                    help="image file format (default .nii.gz)")
     p.set_defaults(func=_run)
@@ -41,7 +43,8 @@ def _run(args: argparse.Namespace) -> int:
     printed = set()
     for seed in range(args.seed, args.seed + args.count):
         ph = generate_phantom(seed, spacing=args.spacing, size=args.size,
-                              random_orientation=args.random_orientation, noise_hu=args.noise)
+                              random_orientation=args.random_orientation, noise_hu=args.noise,
+                              finding=args.finding)
         for path in write_phantom(ph, args.output, args.format).values():
             if path not in printed:  # the shared labels table once, not once per seed
                 printed.add(path)

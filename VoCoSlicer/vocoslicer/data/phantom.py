@@ -19,8 +19,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from vocoslicer.data.phantom_anatomy import paint_anatomy
+from vocoslicer.data.phantom_finding import Finding, draw_finding
 from vocoslicer.data.phantom_shapes import Canvas
 from vocoslicer.errors import UserError
+from vocoslicer.io.atomic import atomic_write_json
 from vocoslicer.io.volume import write_image
 from vocoslicer.labels import Label, LabelTable
 
@@ -50,6 +52,7 @@ class Phantom:
     label: sitk.Image
     labels: LabelTable
     seed: int
+    finding: Finding | None = None  # set when a finding was asked for (even "none"): its truth is written too
 
 
 def _check_triplet(name: str, value: Sequence[float] | None, integer: bool) -> tuple | None:
@@ -75,13 +78,16 @@ def _check_triplet(name: str, value: Sequence[float] | None, integer: bool) -> t
 
 
 def generate_phantom(seed: int, spacing: Sequence[float] | None = None, size: Sequence[int] | None = None,
-                     random_orientation: bool = False, noise_hu: float | None = None) -> Phantom:
+                     random_orientation: bool = False, noise_hu: float | None = None,
+                     finding: str | None = None) -> Phantom:
     """Generate the phantom of ``seed`` (bit-identical for the same arguments).
 
     ``spacing`` (mm) and ``size`` (voxels), both in SimpleITK (x, y, z) order, override the random grid; the grid
     stays centred on the body and voxels outside the body are air. The anatomy depends on the seed only, so the
     same seed at another spacing is the same patient. ``random_orientation`` permutes/flips the array axes and
     sets the direction matrix (and a random origin) so that the anatomy in physical LPS space is unchanged.
+    ``finding`` (``none`` | ``splenomegaly`` | ``liver_lesion``) draws a case-level finding with known truth
+    (:mod:`vocoslicer.data.phantom_finding`) without changing the rest of the patient.
     """
     sp = _check_triplet("spacing", spacing, integer=False)
     sz = _check_triplet("size", size, integer=True)
@@ -90,6 +96,7 @@ def generate_phantom(seed: int, spacing: Sequence[float] | None = None, size: Se
     if isinstance(seed, bool) or int(seed) != seed or seed < 0:
         raise UserError(f"phantom: seed must be a non-negative integer, got {seed!r}")
     seed = int(seed)
+    drawn = draw_finding(finding, seed) if finding is not None else None
     rng = np.random.default_rng(seed)
     # grid and orientation draws happen whether or not they are overridden, so the anatomy never depends on them
     pix = round(float(rng.uniform(0.6, 1.0)), 3)
@@ -106,7 +113,7 @@ def generate_phantom(seed: int, spacing: Sequence[float] | None = None, size: Se
         raise UserError(f"phantom: grid {sz} has {math.prod(sz)} voxels, more than the {MAX_VOXELS} allowed")
     axes = [((np.arange(n) - (n - 1) / 2.0) * s) for n, s in zip(sz, sp, strict=True)]
     cv = Canvas(axes[0], axes[1], axes[2], sp)
-    paint_anatomy(cv, anatomy_rng)
+    paint_anatomy(cv, anatomy_rng, drawn)
     image = _finish_hu(cv.img, noise, noise_seed)
     label = cv.lab
     del cv
@@ -118,7 +125,7 @@ def generate_phantom(seed: int, spacing: Sequence[float] | None = None, size: Se
         image, label, spacing_out, origin, direction = _reorient(image, label, sp, sz, origin, perm, flips)
         origin = origin + shift
     return Phantom(_to_sitk(image, spacing_out, origin, direction), _to_sitk(label, spacing_out, origin, direction),
-                   PHANTOM_LABELS, seed)
+                   PHANTOM_LABELS, seed, drawn)
 
 
 def _finish_hu(img: np.ndarray, noise: float, noise_seed: int) -> np.ndarray:
@@ -182,7 +189,8 @@ def _to_sitk(arr: np.ndarray, spacing: np.ndarray, origin: np.ndarray, direction
 
 
 def write_phantom(ph: Phantom, out_dir: str | os.PathLike[str], fmt: str = ".nii.gz") -> dict[str, Path]:
-    """Write ``phantom_<seed>_ct<fmt>``, ``phantom_<seed>_truth<fmt>`` and ``phantom_labels.csv`` atomically."""
+    """Write ``phantom_<seed>_ct<fmt>``, ``phantom_<seed>_truth<fmt>`` and ``phantom_labels.csv`` atomically
+    (plus ``phantom_<seed>_finding.json``, the case-level truth, when a finding was asked for)."""
     fmt = fmt if fmt.startswith(".") else "." + fmt
     if fmt not in (".nii.gz", ".nii", ".nrrd", ".mha"):
         raise UserError(f"phantom: unsupported format {fmt}; use .nii.gz, .nii, .nrrd or .mha")
@@ -194,4 +202,7 @@ def write_phantom(ph: Phantom, out_dir: str | os.PathLike[str], fmt: str = ".nii
         "label": write_image(ph.label, out / f"phantom_{ph.seed}_truth{fmt}"),
         "labels": ph.labels.write_csv(out / "phantom_labels.csv"),
     }
+    if ph.finding is not None:
+        paths["finding"] = atomic_write_json(out / f"phantom_{ph.seed}_finding.json",
+                                             {"seed": ph.seed, **ph.finding.to_dict()})
     return paths

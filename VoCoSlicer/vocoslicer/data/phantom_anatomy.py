@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vocoslicer.data.phantom_finding import Finding, lesion_ellipsoids, spleen_geometry
 from vocoslicer.data.phantom_shapes import (
     AORTA,
     KIDNEY_L,
@@ -156,8 +157,12 @@ def organ(cv: Canvas, body: Body, center: Sequence[float], axes: Sequence[float]
     cv.paint(box, d, shade, value)
 
 
-def paint_anatomy(cv: Canvas, rng: np.random.Generator) -> None:
-    """Draw one patient from ``rng`` and paint it on ``cv`` (background context first, labelled organs last)."""
+def paint_anatomy(cv: Canvas, rng: np.random.Generator, finding: Finding | None = None) -> None:
+    """Draw one patient from ``rng`` and paint it on ``cv`` (background context first, labelled organs last).
+
+    ``finding`` (see :mod:`vocoslicer.data.phantom_finding`) enlarges the spleen or adds liver lesions; it takes no
+    number from ``rng``, so the rest of the patient is the same with or without it.
+    """
     body = make_body(cv, rng)
     sx, sy = body.sx, body.sy
     g = float((sx * sy) ** 0.25)  # organ size follows the cavity only weakly (fat patients have normal livers)
@@ -203,7 +208,12 @@ def paint_anatomy(cv: Canvas, rng: np.random.Generator) -> None:
     liver_hu = rng.uniform(52, 68)
     s = size()
     c_r = np.array([-62 * sx, -8 * sy, 28 + dz]) + jit()
-    organ(cv, body, c_r, (70 * s, 82 * s, 72 * s), rng.uniform(-0.1, 0.1), liver_hu, LIVER, 4.0, _deform(rng, amp), amp)
+    lobe_axes = (70 * s, 82 * s, 72 * s)
+    organ(cv, body, c_r, lobe_axes, rng.uniform(-0.1, 0.1), liver_hu, LIVER, 4.0, _deform(rng, amp), amp)
+    for lc, lax, lhu in lesion_ellipsoids(c_r, lobe_axes, liver_hu, finding):
+        lb = ellipsoid_box(cv, lc, lax, 2)
+        if lb is not None:  # texture inside the liver: the label map keeps calling it liver
+            cv.paint(lb, ellipsoid(cv, lb, lc, lax), lhu, None)
     c_l = c_r + np.array([57 * sx, -44 * sy, 20]) + jit(3, 6)
     organ(cv, body, c_l, (48 * s, 28 * s, 36 * s), 0.2 + rng.uniform(-0.1, 0.1), liver_hu, LIVER, 4.0,
           _deform(rng, amp), amp)
@@ -212,8 +222,12 @@ def paint_anatomy(cv: Canvas, rng: np.random.Generator) -> None:
     th = float(np.arctan2(c[1] / body.b**2, c[0] / body.a**2)) + rng.uniform(-0.1, 0.1)
     s = size()
     notch = c + 36 * s * np.array([-np.cos(th), -np.sin(th), 0.0])
-    organ(cv, body, c, (27 * s, 55 * s, 48 * s), th, rng.uniform(45, 55), SPLEEN, 4.0, _deform(rng, amp), amp,
-          carve=[(notch, (16 * s, 32 * s, 30 * s), th)])
+    c_s, ax_s = spleen_geometry(c, (27 * s, 55 * s, 48 * s), finding)
+    k = finding.spleen_scale if finding is not None else 1.0
+    if k != 1.0:  # the hilum notch moves and grows with the spleen
+        notch = c_s + k * (notch - c)
+    organ(cv, body, c_s, ax_s, th, rng.uniform(45, 55), SPLEEN, 4.0, _deform(rng, amp), amp,
+          carve=[(notch, (16 * s * k, 32 * s * k, 30 * s * k), th)])
 
     s = size()
     c = np.array([55 * sx, -38 * sy, 52 + dz]) + jit()

@@ -1,8 +1,13 @@
-"""Volume classification: image → softmax probabilities per class, written as JSON or CSV.
+"""Volume classification: image → class probabilities, written as JSON or CSV.
 
 Preprocessing is the segmentation one (RAS, bundle spacing, intensity window: :func:`infer.preprocess.prepare`),
 then the whole volume is resized to the bundle's fixed input size, because a classifier sees the entire
-volume at once rather than sliding windows.
+volume at once rather than sliding windows. Classification finetuning calls the same :func:`classifier_input`, so
+a network is trained on exactly what it sees at inference.
+
+A single-label bundle (one class per case: normal / pneumonia / COVID-19) gives a softmax over its classes; a
+multi-label bundle (``"multi_label": true``: independent findings, as in CT-RATE) gives one sigmoid probability per
+class, and "predicted" is the most probable one, with ``positive`` listing every class at probability >= 0.5.
 """
 
 from __future__ import annotations
@@ -46,46 +51,71 @@ def build_classifier(bundle: ModelBundle, device: torch.device) -> torch.nn.Modu
     return model
 
 
+def is_multi_label(bundle: ModelBundle) -> bool:
+    """True for a bundle trained with independent (sigmoid) outputs per class."""
+    return bool(bundle.meta.get("multi_label", False))
+
+
+def classifier_input(img: sitk.Image, preprocessing: dict[str, Any], size: tuple[int, int, int] | list[int]
+                     ) -> tuple[torch.Tensor, list[str]]:
+    """The (1, 1, X, Y, Z) network input of a whole volume (``depth_first``: (1, 1, Z, Y, X)) and the
+    preprocessing warnings; training calls this too, so train = inference."""
+    from vocoslicer.infer.preprocess import prepare
+
+    prepared = prepare(img, preprocessing)
+    x = F.interpolate(prepared.tensor, size=tuple(int(s) for s in size), mode="trilinear", align_corners=False)
+    if preprocessing.get("depth_first"):  # PUMIT ViTs take (N, C, D, H, W): slices first, their patch is (d, 16, 16)
+        x = x.permute(0, 1, 4, 3, 2).contiguous()
+    return x, list(prepared.warnings)
+
+
+def probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Softmax over classes (single-label) or an independent sigmoid per class (multi-label)."""
+    return torch.sigmoid(logits.float()) if multi_label else torch.softmax(logits.float(), dim=1)
+
+
 def classify_image(img: sitk.Image, bundle: ModelBundle, model: torch.nn.Module | None = None,
                    device: str | torch.device = "auto", events: EventSink = NULL_SINK) -> dict[str, Any]:
     """Class probabilities of one image; ``model`` may be passed in by a warm worker."""
-    from vocoslicer.infer.preprocess import prepare
     from vocoslicer.infer.segment import pick_device
     from vocoslicer.infer.sliding import autocast_context
 
     dev = device if isinstance(device, torch.device) else pick_device(device)
     classes = bundle.classes
     events.progress(0, 3, stage="preprocessing")
-    prepared = prepare(img, bundle.preprocessing)
-    for w in prepared.warnings:
+    x, warnings = classifier_input(img, bundle.preprocessing, input_size(bundle))
+    for w in warnings:
         events.warning(w)
-    x = F.interpolate(prepared.tensor, size=input_size(bundle), mode="trilinear", align_corners=False)
     if model is None:
         events.progress(1, 3, stage="loading model")
         model = build_classifier(bundle, dev)
     events.progress(2, 3, stage=f"classifying on {dev.type}")
     with torch.inference_mode(), autocast_context(dev, "auto"):
         logits = model(x.to(dev))
-    probs = torch.softmax(logits.float(), dim=1)[0].cpu()
+    multi = is_multi_label(bundle)
+    probs = probabilities(logits, multi)[0].cpu()
     if probs.numel() != len(classes):
         raise UserError(f"{bundle.describe()}: the network produced {probs.numel()} outputs but the bundle lists "
                         f"{len(classes)} classes")
     best = int(probs.argmax())
     events.progress(3, 3, stage="done")
     return {"model": bundle.id, "model_version": bundle.version, "classes": classes,
-            "probabilities": [round(float(p), 6) for p in probs],
-            "predicted": {"index": best, "name": classes[best], "probability": round(float(probs[best]), 6)}}
+            "multi_label": multi, "probabilities": [round(float(p), 6) for p in probs],
+            "predicted": {"index": best, "name": classes[best], "probability": round(float(probs[best]), 6)},
+            **({"positive": [c for c, p in zip(classes, probs.tolist(), strict=True) if p >= 0.5]} if multi else {})}
 
 
 def result_text(result: dict[str, Any], fmt: str) -> str:
-    """JSON or CSV (``class,probability`` rows, predicted class marked) text of a classification result."""
+    """JSON or CSV (``class,probability`` rows, predicted class marked; multi-label: positives too) text."""
     if fmt == ".json":
         return json.dumps(result, indent=2) + "\n"
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["index", "class", "probability", "predicted"])
+    multi = bool(result.get("multi_label"))
+    w.writerow(["index", "class", "probability", "predicted", *(["positive"] if multi else [])])
     for i, (name, p) in enumerate(zip(result["classes"], result["probabilities"], strict=True)):
-        w.writerow([i, name, f"{p:.6f}", int(i == result["predicted"]["index"])])
+        w.writerow([i, name, f"{p:.6f}", int(i == result["predicted"]["index"]),
+                    *([int(name in result.get("positive", []))] if multi else [])])
     return buf.getvalue()
 
 

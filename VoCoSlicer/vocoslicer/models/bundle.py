@@ -304,6 +304,8 @@ class ModelBundle:
         except NotImplementedError:
             return  # an operator without a meta kernel: the shapes above were still checked
         except Exception as exc:  # noqa: BLE001 - the network's own complaint about the input size
+            if "device meta" in str(exc) or "meta tensor" in str(exc):
+                return  # the network makes a real tensor inside forward (e.g. PUMIT's RoPE table): meta can't run it
             raise UserError(f"{src}: the network cannot take its ROI size {size}: {_first_line(exc)}") from None
         if self.task == "segmentation":
             want = (1, len(self.channel_values), *size)

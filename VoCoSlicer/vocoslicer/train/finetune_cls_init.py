@@ -1,0 +1,210 @@
+"""Where a classifier finetune starts: ``--init voco-b-ssl | BUNDLE | checkpoint | scratch`` → architecture + weights.
+
+Two architectures: ``voco_classifier`` (the official VoCo downstream classifier, voco_spec §6.2: SwinUNETR-v2
+encoder+decoder, global average pool, linear head) and ``pumit_vit_cls`` (PUMIT's ViT with a [CLS] linear head).
+The pre-trained part is loaded with each family's own rule: VoCo/SwinUNETR checkpoints and backbone/segmentation
+bundles by name+shape (:func:`load_official_weights`, which reports what stayed random), PUMIT backbones with
+:func:`load_backbone` (patch-kernel depth and input channels converted). A classification bundle continues as a
+new version of itself, which only makes sense when its classes are the cohort's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vocoslicer.errors import UserError
+from vocoslicer.jobs.events import NULL_SINK, EventSink
+from vocoslicer.models.bundle import DEFAULT_PREPROCESSING, sha256_file
+from vocoslicer.train.finetune_init import CHECKPOINT_SUFFIXES
+
+ARCHS = ("voco_classifier", "pumit_vit_cls")
+PUMIT_WINDOW = {"b_min": -1.0, "b_max": 1.0}
+"""A fresh PUMIT ViT sees ``2x - 1`` of the window (PUMIT's BTCV downstream input, pumit_spec "downstream input
+normalisations"); measured on splenomegaly phantoms: with [0, 1] inputs the ViT stayed at chance (24 cases, 400
+steps), with 2x - 1 it reached 0.95 held-out accuracy. A PUMIT backbone bundle brings its own window."""
+IMAGENET_MEAN, IMAGENET_STD = 0.449, 0.226  # mean of the three ImageNet channel means / stds (1-channel CT)
+
+
+def pumit_window(backbone_pre: dict[str, Any]) -> dict[str, float]:
+    """Output range of the intensity window for a PUMIT backbone: its MIM pretraining saw ImageNet-normalised
+    [0, 1] crops (pumit_spec: ViT input), so the window maps to ``(x - mean) / std`` of that; else ``2x - 1``."""
+    if backbone_pre.get("normalization") == "imagenet":
+        return {"b_min": -IMAGENET_MEAN / IMAGENET_STD, "b_max": (1 - IMAGENET_MEAN) / IMAGENET_STD}
+    return dict(PUMIT_WINDOW)
+
+
+DEFAULT_INPUT = {"voco_classifier": [96, 96, 96], "pumit_vit_cls": [128, 128, 128]}
+
+
+@dataclass
+class ClsInit:
+    """Architecture, its starting weights, preprocessing, input size and the parent it records."""
+
+    kind: str  # scratch | checkpoint | backbone | segmentation | classification
+    arch: tuple[str, dict[str, Any]]
+    preprocessing: dict[str, Any]
+    input_size: list[int]
+    parent: dict[str, Any] | None
+    describe: str
+    load: Callable[[torch.nn.Module], None] | None = None
+    classes: list[str] | None = None  # a classification bundle's classes (must match the cohort's)
+    multi_label: bool | None = None
+
+    def build(self) -> torch.nn.Module:
+        """The network with its starting weights."""
+        from vocoslicer.models.factory import build_model
+
+        model = build_model(*self.arch)
+        if self.load is not None:
+            self.load(model)
+        return model
+
+    def default_id(self, cohort_name: str) -> str:
+        """A classification bundle keeps its id (a new version); otherwise ``classifier-<cohort>``."""
+        if self.kind == "classification" and self.parent:
+            return str(self.parent["id"])
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in cohort_name) or "cohort"
+        return f"classifier-{safe}"
+
+
+def arch_args(arch: str, n_classes: int, feature_size: int | None = None, vit_size: str | None = None,
+              vit_args: dict[str, Any] | None = None, pool: str = "decoder", patch: int | None = None
+              ) -> dict[str, Any]:
+    """JSON architecture arguments of a fresh classifier."""
+    if arch == "voco_classifier":
+        return {"size": None, "feature_size": int(feature_size or 48), "in_channels": 1, "num_classes": n_classes,
+                "patch_merging": "legacy", "pool": pool}
+    if arch == "pumit_vit_cls":
+        if patch is not None and patch not in (4, 8, 16):
+            raise UserError(f"finetune: --patch must be 4, 8 or 16, got {patch}")
+        va = dict(vit_args or {})
+        if patch and "patch_size" not in va:  # a backbone fixes the in-plane patch; --patch then sets the depth
+            va["patch_size"] = int(patch)
+        return {"num_classes": n_classes, "in_channels": 1, "size": vit_size or "B", "patch_depth": int(patch or 16),
+                **({"vit_args": va} if va else {})}
+    raise UserError(f"finetune: --arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+
+
+def _swin_loader(state: dict[str, torch.Tensor], source: str, events: EventSink
+                 ) -> Callable[[torch.nn.Module], None]:
+    def load(model: torch.nn.Module) -> None:
+        from vocoslicer.models.checkpoints import load_official_weights
+
+        report = load_official_weights(model, state, source)
+        if report.missing_backbone:
+            raise UserError(f"{source}: does not fit this classifier's encoder ({len(report.missing_backbone)} "
+                            f"encoder tensors missing or of another shape, e.g. {report.missing_backbone[:2]})")
+        events.log(report.summary())
+
+    return load
+
+
+def _pumit_loader(state: dict[str, torch.Tensor], source: str, events: EventSink) -> Callable[[torch.nn.Module], None]:
+    def load(model: torch.nn.Module) -> None:
+        from vocoslicer.models.pumit import load_backbone
+
+        try:
+            missing, unexpected = load_backbone(model, state)
+        except ValueError as exc:
+            raise UserError(f"{source}: does not fit this ViT ({exc})") from None
+        if missing:
+            raise UserError(f"{source}: does not fit this ViT ({len(missing)} tensors missing, e.g. {missing[:2]})")
+        events.log(f"{source}: PUMIT backbone loaded ({len(unexpected)} backbone tensors unused)")
+
+    return load
+
+
+def _fs_of(state: dict[str, torch.Tensor], source: str) -> int:
+    key = "swinViT.patch_embed.proj.weight"
+    if key not in state:
+        raise UserError(f"{source}: not a VoCo / SwinUNETR checkpoint (no {key})")
+    return int(state[key].shape[0])
+
+
+def resolve_cls_init(spec: str, n_classes: int, arch: str | None = None, feature_size: int | None = None,
+                     vit_size: str | None = None, pool: str = "decoder", patch: int | None = None,
+                     preprocessing: dict[str, Any] | None = None,
+                     input_size: Sequence[int] | None = None, events: EventSink = NULL_SINK) -> ClsInit:
+    """Resolve ``--init`` for ``n_classes`` outputs (see the module docstring)."""
+    from vocoslicer.models import registry
+
+    pre = {**DEFAULT_PREPROCESSING, **(preprocessing or {})}
+
+    def size_for(name: str, bundle_size: Sequence[int] | None = None) -> list[int]:
+        return [int(s) for s in (input_size or bundle_size or DEFAULT_INPUT[name])]
+
+    if spec == "scratch":
+        name = arch or "voco_classifier"
+        if name == "pumit_vit_cls":
+            pre.setdefault("depth_first", True)  # as PUMIT's own backbones (slices first)
+            if "intensity" not in (preprocessing or {}):
+                pre["intensity"] = {**pre["intensity"], **PUMIT_WINDOW}
+        return ClsInit("scratch", (name, arch_args(name, n_classes, feature_size, vit_size, pool=pool, patch=patch)),
+                       pre,
+                       size_for(name), None, "random initialisation")
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        from vocoslicer.models.checkpoints import official_state_dict, read_checkpoint
+
+        if arch not in (None, "voco_classifier"):
+            raise UserError(f"--init {path.name}: a checkpoint file initialises voco_classifier only; for "
+                            f"{arch} give a backbone bundle")
+        obj = read_checkpoint(path)
+        if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "state_dict" not in obj:
+            obj = obj["model"]  # a vocoslicer training checkpoint
+        state, _, _ = official_state_dict(obj, str(path))
+        fs = _fs_of(state, str(path))
+        args = arch_args("voco_classifier", n_classes, fs, pool=pool)
+        parent = {"checkpoint": str(path.resolve()), "sha256": sha256_file(path)}
+        return ClsInit("checkpoint", ("voco_classifier", args), pre, size_for("voco_classifier"), parent,
+                       f"checkpoint {path.name} (feature size {fs})", _swin_loader(state, str(path), events))
+    try:
+        bundle = registry.resolve(spec)
+    except UserError as exc:
+        hint = (" (download the official VoCo weights first: 'vocoslicer models download voco-b-ssl')"
+                if spec.startswith("voco-") else "")
+        raise UserError(f"--init {spec}: {exc}{hint}") from None
+    parent = {"id": bundle.id, "version": bundle.version,
+              "sha256": (bundle.meta.get("weights") or {}).get("sha256", "")}
+    name, args = bundle.architecture
+    bpre = {**bundle.preprocessing, **(preprocessing or {})}
+    src = str(bundle.path)
+    if bundle.task == "classification":
+        if arch not in (None, name):
+            raise UserError(f"--init {spec}: {bundle.describe()} is a {name}; --arch {arch} cannot continue it")
+
+        def load_all(model: torch.nn.Module) -> None:
+            model.load_state_dict(bundle.state_dict())
+
+        from vocoslicer.infer.classify import input_size as bundle_input
+
+        return ClsInit("classification", (name, args), bpre, size_for(name, bundle_input(bundle)), parent,
+                       bundle.describe(), load_all, classes=bundle.classes,
+                       multi_label=bool(bundle.meta.get("multi_label", False)))
+    if bundle.task not in ("backbone", "segmentation"):
+        raise UserError(f"--init {spec}: {bundle.describe()} is a {bundle.task} model")
+    if name == "pumit_vit" or name.startswith("pumit_vit"):
+        if arch not in (None, "pumit_vit_cls"):
+            raise UserError(f"--init {spec}: a PUMIT backbone initialises pumit_vit_cls, not {arch}")
+        from vocoslicer.models.pumit import backbone_vit_args
+
+        vit_args = backbone_vit_args(args) if name == "pumit_vit" else args.get("vit_args")
+        if "intensity" not in (preprocessing or {}):
+            bpre["intensity"] = {**bpre["intensity"], **pumit_window(bundle.meta.get("preprocessing") or {})}
+        new = arch_args("pumit_vit_cls", n_classes, vit_size=vit_size, vit_args=vit_args, patch=patch)
+        return ClsInit(bundle.task, ("pumit_vit_cls", new), bpre, size_for("pumit_vit_cls"), parent,
+                       bundle.describe(), _pumit_loader(bundle.state_dict(), src, events))
+    if name != "swinunetr":
+        raise UserError(f"--init {spec}: cannot initialise a classifier from a {name} model")
+    if arch not in (None, "voco_classifier"):
+        raise UserError(f"--init {spec}: a SwinUNETR model initialises voco_classifier, not {arch}")
+    state = bundle.state_dict()
+    fs = _fs_of(state, src)
+    new = arch_args("voco_classifier", n_classes, fs, pool=pool)
+    return ClsInit(bundle.task, ("voco_classifier", new), bpre, size_for("voco_classifier"), parent,
+                   bundle.describe(), _swin_loader(state, src, events))
