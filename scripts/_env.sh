@@ -25,3 +25,5 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "$WANT" > "$STAMP"
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+# UTF-8 text I/O whatever the locale (CI has none): the engine's messages use "…" and "—", and tests read them
+export PYTHONUTF8=1

@@ -17,11 +17,11 @@ def add_events_flag(p: argparse.ArgumentParser) -> None:
 
 def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     """``--runtime`` / ``--threads``: CPU inference speed (shared by ``segment`` and ``serve``)."""
-    from vocoslicer.infer.runtime import runtime_choices
-
-    p.add_argument("--runtime", choices=runtime_choices(), default="auto",
-                   help="CPU inference runtime: auto (the fastest installed, e.g. OpenVINO), eager (plain PyTorch) "
-                        "or a named one; a runtime that fails falls back to eager with a warning")
+    # no choices= here: building the parser must not import torch (vocoslicer.infer.runtime does); the value is
+    # checked by check_runtime before any work
+    p.add_argument("--runtime", default="auto",
+                   help="CPU inference runtime: auto (the fastest installed, e.g. OpenVINO), eager (plain PyTorch), "
+                        "openvino or openvino-f32; a runtime that fails falls back to eager with a warning")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: OMP_NUM_THREADS, else all cores)")
 
@@ -73,6 +73,9 @@ def validate(args: argparse.Namespace) -> None:
     if args.overlap is not None and not (math.isfinite(args.overlap) and 0 <= args.overlap < 1):
         raise UserError(f"--overlap must be in [0, 1), got {args.overlap}")
     check_device(args.device)
+    from vocoslicer.infer.runtime import check_runtime
+
+    check_runtime(args.runtime)
     if batch_cli.is_batch(args):
         return
     if not args.input or not args.output:

@@ -31,6 +31,9 @@ def validate(args: argparse.Namespace) -> None:
     if args.cache_size < 1:
         raise UserError(f"--cache-size must be at least 1, got {args.cache_size}")
     check_device(args.device)
+    from vocoslicer.infer.runtime import check_runtime
+
+    check_runtime(args.runtime)
 
 
 def run(args: argparse.Namespace) -> int:
