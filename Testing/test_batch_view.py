@@ -101,3 +101,14 @@ def test_folder_segment_runs_the_real_batch_through_a_job_driver(tmp_path, monke
     job.show(button, bar, label)
     assert button.text == "Segment folder" and button.enabled and label.text == summary and bar.visible
     assert run_dirs == [tmp_path / "run0"] and "segmented 2 of 3 cases" in job.driver.console_text()
+    # Cancel (the same button) once the first case of a fresh folder is through: the label says what was kept
+    assert job.toggle(str(inp), str(tmp_path / "out2"), model=DEMO_MODEL_ID, device="cpu") == "started"
+    deadline = time.monotonic() + 180
+    while job.busy and time.monotonic() < deadline:
+        job.tick()
+        if job.progress and job.driver.state.state is JobState.RUNNING:
+            assert job.toggle("", "") == "cancelling"  # no folder needed to cancel
+            assert job.label() == "cancelling"
+        time.sleep(0.05)
+    assert not job.busy and job.driver.state.state is JobState.IDLE
+    assert job.label().startswith("cancelled"), job.label()
