@@ -29,7 +29,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from VoCoSlicerLib import engine, module_support, panels, plots
+from VoCoSlicerLib import batch_view, engine, module_support, panels, plots
 from VoCoSlicerLib.job_driver import JobDriver
 from VoCoSlicerLib.job_runs import list_runs, new_run_dir
 from VoCoSlicerLib.params import MODEL_SIZES, PRETRAIN_METHODS, PretrainParams, from_parameter_node
@@ -87,6 +87,7 @@ class VoCoPretrainWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWid
         self.logic = VoCoPretrainLogic()
         engine.set_startup_environment(slicer.util.startupEnvironment)  # for a "Python for jobs" not Slicer's own
         self.driver = JobDriver(_("Launch"), on_finished=self._onFinished)
+        self.folderJob = batch_view.FolderSegment(_("Segment folder"))  # "Segment a folder": its own batch job
         self.curves = plots.LiveChart(_("Pre-training"))
         self.logView = module_support.LogFollower()
         self._tick = module_support.TimerTick(lambda text: slicer.util.errorDisplay(text, windowTitle="VoCoPretrain"))
@@ -94,7 +95,8 @@ class VoCoPretrainWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWid
         self._timer = qt.QTimer()
         self._timer.setInterval(500)
         self._timer.connect("timeout()", self._onTimer)
-        self.ui.outputDirPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
+        for edit in (self.ui.outputDirPathLineEdit, self.ui.segInputDirPathLineEdit, self.ui.segOutputDirPathLineEdit):
+            edit.filters = ctk.ctkPathLineEdit.Dirs
         self.observeSceneClose(slicer.mrmlScene)
         self.ui.addDataDirButton.connect("clicked(bool)", self.onAddDataDir)
         self.ui.removeDataDirButton.connect("clicked(bool)", self.onRemoveDataDir)
@@ -103,6 +105,7 @@ class VoCoPretrainWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWid
         self.ui.resumeButton.connect("clicked(bool)", self.onResume)
         self.ui.reattachButton.connect("clicked(bool)", self.onReattach)
         self.ui.copyTorchrunButton.connect("clicked(bool)", self.onCopyTorchrun)
+        self.ui.segmentFolderButton.connect("clicked(bool)", self.onSegmentFolder)
         self.ui.methodComboBox.connect("currentIndexChanged(int)", lambda: self.onMethodChanged(
             self.ui.methodComboBox.currentText))  # the parameter node may lag behind the widget
         self.ui.modelSizeComboBox.connect("currentIndexChanged(int)", lambda: self._parameterNode and setattr(
@@ -114,6 +117,7 @@ class VoCoPretrainWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWid
     def cleanup(self):
         self.removeObservers()
         self._timer.stop()  # the run itself is detached: it keeps going and can be reattached
+        self.folderJob.driver.close()  # the folder batch is not: a rerun into the same folder resumes it
 
     def enter(self):
         self.initializeParameterNode()
@@ -196,6 +200,16 @@ class VoCoPretrainWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWid
             self.driver.log.append(f"copied: {command}")
             self._updateGUI()
 
+    def onSegmentFolder(self):  # Start, or Cancel while it runs
+        with slicer.util.tryWithErrorDisplay(_("Failed to start segmenting the folder."), waitCursor=True):
+            ui = self.ui
+            self.folderJob.toggle(ui.segInputDirPathLineEdit.currentPath, ui.segOutputDirPathLineEdit.currentPath,
+                                  ui.segModelLineEdit.text, ui.segDeviceComboBox.currentText,
+                                  python=module_support.job_python(qt.QSettings()),
+                                  run_dir=lambda: new_run_dir("segment-folder"))
+            self._timer.start()
+            self._updateGUI()
+
     def _follow(self):
         slicer.modules.plots.logic().ShowChartInLayout(self.curves.follow(slicer.mrmlScene))
         self._timer.start()
@@ -212,8 +226,8 @@ class VoCoPretrainWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWid
 
     def _onTimer(self):  # one report per tick, no re-entry while a dialog is open (module_support.TimerTick)
         self._tick([(_("Run monitoring"), self.driver.tick), (_("Live curves"), self._drawCurves),
-                    (_("Panel update"), self._updateGUI)])
-        if not self.driver.busy:
+                    (_("Folder segmentation"), self.folderJob.tick), (_("Panel update"), self._updateGUI)])
+        if not self.driver.busy and not self.folderJob.busy:
             self._timer.stop()
 
     def _onFinished(self, driver):
@@ -229,7 +243,10 @@ class VoCoPretrainWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWid
         panels.show_job(panels.job_widgets(self.driver), None, self.ui.progressBar, self.ui.statusLabel)
         self.ui.statusLabel.text = self.driver.state.view().progress_text  # throughput has its own label
         self.ui.throughputLabel.text = self.driver.throughput.text()
-        self.logView.show(self.ui.logTextEdit, [("", self.driver.log)])
+        self.folderJob.show(self.ui.segmentFolderButton, self.ui.segProgressBar, self.ui.segStatusLabel)
+        for w in (self.ui.segInputDirPathLineEdit, self.ui.segOutputDirPathLineEdit, self.ui.segModelLineEdit):
+            w.enabled = not self.folderJob.busy
+        self.logView.show(self.ui.logTextEdit, [("", self.driver.log), ("segment folder: ", self.folderJob.driver.log)])
 
 
 class VoCoPretrainLogic(ScriptedLoadableModuleLogic):
