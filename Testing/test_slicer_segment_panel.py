@@ -184,6 +184,11 @@ def test_segment_reports_uncertainty_and_overlays_the_map_one_shot_and_warm(pane
     assert panel.job.state.state is JobState.DONE, panel.job.state.message
     assert panel.uncertainty_text.startswith("Case uncertainty ") and panel.map_node is overlay
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes  # no second overlay
+    assert panel.run("segment", volume, None, _demo_params(useWarmWorker=True), DEMO) == "started"
+    assert panel.uncertainty_text == ""  # not the previous result's while this one runs
+    _tick_until_idle(panel, timeout=180)
+    assert panel.uncertainty_text.startswith("Case uncertainty ") and panel.map_node is None
+    assert not scene.IsNodePresent(overlay), "a map of an earlier result stays over the new one"
 
 
 def test_case_class_field_goes_into_the_cohort_and_refills_the_items(panel, tmp_path):

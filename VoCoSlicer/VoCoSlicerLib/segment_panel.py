@@ -122,6 +122,8 @@ class SegmentPanel:
         self.task = prepare(volume, params, self._scratch())
         self.task.segmentation = segmentation if op == "segment" else None
         self._show_map = params.uncertaintyMap
+        if op == "segment":
+            self.uncertainty_text = ""  # the previous case's, stale once another run starts
         self.job.state.action = "Segment" if op == "segment" else "Classify"
         self.job.python = self.python()
         if params.useWarmWorker:
@@ -174,9 +176,12 @@ class SegmentPanel:
         artifact = self._artifact()
         self.uncertainty_text = active_view.uncertainty_text(active_view.load_uncertainty(artifact))
         path = (artifact or {}).get("uncertainty_map")
+        node = self.map_node if self.map_node is not None and self.scene.IsNodePresent(self.map_node) else None
         if self._show_map and path:
-            node = self.map_node if self.map_node is not None and self.scene.IsNodePresent(self.map_node) else None
             self.map_node = active_view.show_uncertainty_map(self.scene, path, task.volume, node=node)
+        elif node is not None:  # the overlay shows an earlier result: gone (views drop their reference to it)
+            self.scene.RemoveNode(node)
+            self.map_node = None
 
     # ------------------------------------------------------------------ models
     def refresh_models(self) -> None:
@@ -307,7 +312,7 @@ class SegmentPanel:
 
     def _load_next(self, cohort_dir: str, nxt: active_view.NextCase) -> None:
         volume, seg = active_view.load_next_case(self.scene, cohort_dir, nxt)
-        self.active_text = "Next case: " + nxt.summary()
+        self.active_text, self.uncertainty_text = "Next case: " + nxt.summary(), ""
         self.show_segmentation(seg, volume)
 
     def dice_curve(self, cohort_dir: str) -> None:
