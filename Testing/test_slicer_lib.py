@@ -62,9 +62,14 @@ def test_segment_and_classify_args():
     p = params.SegmentParams(model="demo@1.0.0", device="cpu", fast=True)
     assert p.segment_args("/t/in.nrrd", "/t/out.nii.gz") == [
         "segment", "/t/in.nrrd", "-o", "/t/out.nii.gz", "--model", "demo@1.0.0", "--device", "cpu", "--fast",
-        "--events", "stdout"]
-    assert params.SegmentParams().segment_args("a", "b") == ["segment", "a", "-o", "b", "--device", "auto", "--events",
-                                                             "stdout"]
+        "--uncertainty", "--events", "stdout"]
+    assert params.SegmentParams().segment_args("a", "b") == ["segment", "a", "-o", "b", "--device", "auto",
+                                                             "--uncertainty", "--events", "stdout"]
+    mapped = params.SegmentParams(uncertaintyMap=True)
+    assert mapped.segment_args("a", "/t/job/seg.nii.gz")[-4:-2] == ["--uncertainty-map", "/t/job/uncertainty.nii.gz"]
+    assert mapped.uncertainty_request("/t/job/seg.nii.gz") == {"uncertainty": True,
+                                                               "uncertainty_map": "/t/job/uncertainty.nii.gz"}
+    assert params.SegmentParams().uncertainty_request("o") == {"uncertainty": True}
     assert params.SegmentParams(model="m").classify_args("a", "r.json") == [
         "classify", "a", "-o", "r.json", "--model", "m", "--device", "auto", "--events", "stdout"]
     with pytest.raises(ValueError, match="device"):
@@ -76,8 +81,10 @@ def test_segment_and_classify_args():
 def test_segment_and_finetune_args_are_accepted_by_the_engine_parser():
     from vocoslicer.cli import build_parser
 
-    ns = build_parser().parse_args(params.SegmentParams(device="cpu", fast=True).segment_args("in.nrrd", "o.nii.gz"))
+    ns = build_parser().parse_args(params.SegmentParams(device="cpu", fast=True, uncertaintyMap=True).segment_args(
+        "in.nrrd", "o.nii.gz"))
     assert ns.command == "segment" and ns.fast and ns.device == "cpu" and ns.output == "o.nii.gz"
+    assert ns.uncertainty and ns.uncertainty_map == "uncertainty.nii.gz"
     assert ns.events == "stdout"
     ns = build_parser().parse_args(params.SegmentParams(model="c").classify_args("in.nrrd", "o.json"))
     assert (ns.command, ns.model, ns.output, ns.events) == ("classify", "c", "o.json", "stdout")

@@ -14,8 +14,8 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from VoCoSlicerLib import models_view, module_support, plots, segment_panel  # noqa: E402
-from VoCoSlicerLib.params import DEMO_MODEL_ID, SegmentParams  # noqa: E402
+from VoCoSlicerLib import active_view, classify_view, models_view, module_support, plots, segment_panel  # noqa: E402
+from VoCoSlicerLib.params import DEMO_MODEL_ID, CohortParams, SegmentParams  # noqa: E402
 from VoCoSlicerLib.state import JobState  # noqa: E402
 
 
@@ -50,8 +50,8 @@ def _tick_until_idle(p, timeout=120.0, during=None):
     assert not p.busy, "timed out"
 
 
-def _volume(name="ct"):
-    arr = (np.random.default_rng(0).random((16, 24, 24)) * 400 - 200).astype(np.int16)
+def _volume(name="ct", seed=0):
+    arr = (np.random.default_rng(seed).random((16, 24, 24)) * 400 - 200).astype(np.int16)
     return slicer.util.addVolumeFromArray(arr, name=name)
 
 
@@ -148,5 +148,161 @@ def test_a_failed_download_reports_and_does_not_segment(panel, tmp_path, monkeyp
     panel.download(offer)
     assert panel.downloading and panel.view().segmenting  # Segment button = Cancel, progress = the download
     _tick_until_idle(panel)
-    assert panel.model_error.startswith("model job failed") and "checkpoint" in panel.model_error
+    assert panel.model_error.startswith("model job failed") and "VoComni_B.pt" in panel.model_error
     assert panel.rec.later == [] and panel.job.state.state is JobState.IDLE
+
+
+# ------------------------------------------------------------------------------------------ issues 13 and 15
+def _demo_params(**kw):
+    return SegmentParams(model=DEMO_MODEL_ID, device="cpu", fast=True, **kw)
+
+
+DEMO = models_view.Entry(models_view.DEMO_TEXT, DEMO_MODEL_ID, "demo")
+
+
+def test_segment_reports_uncertainty_and_overlays_the_map_one_shot_and_warm(panel, slicer_core):
+    """Both paths (``segment`` child job and warm-worker request) ask for the uncertainty and the map; the map is
+    read before the job's work folder goes, and the second run reloads the same overlay node."""
+    scene = slicer_core.scene
+    volume = _volume()
+    assert panel.run("segment", volume, None, _demo_params(useWarmWorker=False, uncertaintyMap=True), DEMO) == \
+        "started"
+    assert "--uncertainty" in panel.task.args and panel.task.request["uncertainty"] is True
+    _tick_until_idle(panel, timeout=180)
+    assert panel.job.state.state is JobState.DONE, panel.job.state.message
+    assert panel.uncertainty_text.startswith("Case uncertainty "), panel.uncertainty_text
+    overlay = panel.map_node
+    assert overlay is not None and scene.IsNodePresent(overlay) and overlay.GetAttribute(active_view.MAP_ATTRIBUTE)
+    assert overlay.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+    work = panel.job.temp_paths
+    assert not any(p.exists() for p in work), "the work folder outlives the job"
+    panel.uncertainty_text = ""
+    volumes = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    assert panel.run("segment", volume, None, _demo_params(useWarmWorker=True, uncertaintyMap=True), DEMO) == \
+        "started"
+    _tick_until_idle(panel, timeout=180)
+    assert panel.job.state.state is JobState.DONE, panel.job.state.message
+    assert panel.uncertainty_text.startswith("Case uncertainty ") and panel.map_node is overlay
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes  # no second overlay
+    assert panel.run("segment", volume, None, _demo_params(useWarmWorker=True), DEMO) == "started"
+    assert panel.uncertainty_text == ""  # not the previous result's while this one runs
+    _tick_until_idle(panel, timeout=180)
+    assert panel.uncertainty_text.startswith("Case uncertainty ") and panel.map_node is None
+    assert not scene.IsNodePresent(overlay), "a map of an earlier result stays over the new one"
+
+
+def test_case_class_field_goes_into_the_cohort_and_refills_the_items(panel, tmp_path):
+    cohort = CohortParams(cohortDir=str(tmp_path / "cohort"), annotator="t")
+    panel.add_case(_volume("a"), None, cohort, labelled=False, class_text="Splenomegaly")
+    _tick_until_idle(panel)
+    assert panel.cohort.state.state is JobState.DONE, panel.cohort.state.message
+    assert panel.classes == ["Splenomegaly"] and "classes: Splenomegaly 1" in panel.cohort_text
+    panel.add_case(_volume("b", 1), None, cohort, labelled=False, class_text=" splenomegaly ")  # known: no new class
+    _tick_until_idle(panel)
+    assert panel.classes == ["Splenomegaly"] and "Splenomegaly 2" in panel.cohort_text, panel.cohort_text
+    panel.add_case(_volume("c", 2), None, cohort, labelled=False, class_text="")  # empty field: no class
+    _tick_until_idle(panel)
+    assert panel.cohort.state.state is JobState.DONE and "3 cases" in panel.cohort_text
+    assert "Splenomegaly 2" in panel.cohort_text, panel.cohort_text
+
+
+def test_classify_shows_the_table_and_proposes_the_class_once(panel, slicer_core, tmp_path):
+    from test_infer_classify import CLASSES, make_bundle
+
+    bundle = make_bundle(tmp_path / "cls")
+    entry = models_view.Entry("tiny", str(bundle), "model")
+    params = SegmentParams(model=str(bundle), device="cpu", useWarmWorker=False)
+    assert panel.run("classify", _volume(), None, params, entry) == "started"
+    _tick_until_idle(panel, timeout=180)
+    assert panel.job.state.state is JobState.DONE, panel.job.state.message
+    (table,) = panel.rec.tables
+    assert table.GetAttribute(classify_view.MULTI_LABEL_ATTRIBUTE) == "0"
+    proposal = panel.take_class_proposal()
+    assert proposal in CLASSES and panel.take_class_proposal() is None
+
+
+def _ranked_cohort(root: Path) -> None:
+    from vocoslicer.data.cohort import Cohort
+    from vocoslicer.data.phantom import PHANTOM_LABELS, generate_phantom
+
+    c = Cohort.init(root)
+    for s in range(3):
+        ph = generate_phantom(s, spacing=(8, 8, 8), noise_hu=float(20 + 60 * s))
+        c.add(ph.image, ph.label if s == 0 else None, PHANTOM_LABELS if s == 0 else None)
+
+
+@pytest.mark.slow  # ~40 s on 2 shared cores: the demo model scores two unlabelled phantoms
+def test_next_case_ranks_first_then_loads_the_case_and_its_proposal(panel, slicer_core, tmp_path):
+    root = tmp_path / "cohort"
+    _ranked_cohort(root)
+    with pytest.raises(ValueError, match="existing cohort"):
+        panel.next_case(str(tmp_path / "nothing"))
+    panel.next_case(str(root), device="cpu")  # no ranking stored yet: a ``cohort rank`` job with the demo model
+    assert panel.active.busy and panel.view().active_enabled  # the button cancels the ranking
+    _tick_until_idle(panel, timeout=180)
+    assert panel.active.state.state is JobState.DONE, panel.active.state.message
+    (seg, vol), = panel.rec.segmentations
+    nxt = active_view.next_case(root)
+    assert vol.GetName() == nxt.case and panel.active_text.startswith("Next case: " + nxt.case)
+    assert seg is not None and seg.GetSegmentation().GetNumberOfSegments() >= 1
+    panel.next_case(str(root))  # a ranking is stored now: loads at once, no job
+    assert not panel.busy and len(panel.rec.segmentations) == 2
+
+
+def test_dice_curve_job_without_finetunes_says_what_to_do(slicer_core, panel, tmp_path):
+    """The real ``cohort curve`` job on a cohort never finetuned: its one-line reason reaches the panel and no
+    chart appears (the rows -> chart path is Testing/test_active_view.py's; real rows need two finetunes)."""
+    root = tmp_path / "cohort"
+    _ranked_cohort(root)
+    charts = []
+    panel.show_chart = charts.append
+    panel.dice_curve(str(root))
+    _tick_until_idle(panel)
+    assert panel.active.state.state is JobState.FAILED
+    assert charts == [] and panel.active_text.startswith("Curve failed: ") and "finetune" in panel.active_text
+    assert panel.view().active_enabled
+
+
+class _PythonQtCombo:
+    """PythonQt exposes Qt properties as attributes (``combo.count``, ``combo.currentText``, as Slicer's
+    SegmentEditorThresholdEffect.py:534 and DICOMSendDialog.py:76 read them); PySide6 has methods. This shim over
+    a real PySide6 QComboBox gives the PythonQt spelling, the rest is the real widget."""
+
+    def __init__(self, combo):
+        self.combo = combo
+
+    def __getattr__(self, name):
+        return getattr(self.combo, name)
+
+    @property
+    def count(self):
+        return self.combo.count()
+
+    @property
+    def currentText(self):  # noqa: N802 - Qt's name
+        return self.combo.currentText()
+
+
+def test_class_items_refill_only_on_change_and_keep_the_typed_text():
+    qt_widgets = pytest.importorskip("PySide6.QtWidgets")
+    app = qt_widgets.QApplication.instance() or qt_widgets.QApplication(["test", "-platform", "offscreen"])
+    real = qt_widgets.QComboBox()
+    real.setEditable(True)
+    combo = _PythonQtCombo(real)
+    segment_panel.show_classes(combo, ["normal", "splenomegaly"], None)
+    assert [real.itemText(i) for i in range(real.count())] == ["normal", "splenomegaly"]
+    real.setEditText("liver les")  # the user is typing
+    changes = []
+    real.currentTextChanged.connect(changes.append)
+    segment_panel.show_classes(combo, ["normal", "splenomegaly"], None)  # every tick: nothing rebuilt
+    assert real.currentText() == "liver les" and changes == []
+    segment_panel.show_classes(combo, ["normal", "splenomegaly", "liver lesion"], None)  # the cohort grew
+    assert real.count() == 3 and real.currentText() == "liver les" and changes == []
+    segment_panel.show_classes(combo, ["normal", "splenomegaly", "liver lesion"], "splenomegaly")  # Classify
+    assert real.currentText() == "splenomegaly"
+    models = [models_view.Entry("a", "a@1", "model"), models_view.Entry("demo", DEMO_MODEL_ID, "demo")]
+    picked = []
+    model_combo = qt_widgets.QComboBox()
+    segment_panel.show_models(model_combo, models, 1, picked.append)
+    assert model_combo.count() == 2 and model_combo.itemData(1) == DEMO_MODEL_ID and picked == [1]
+    del app

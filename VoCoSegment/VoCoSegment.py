@@ -10,6 +10,7 @@ from VoCoSlicerLib.compat import unsupported_message
 if unsupported_message(sys.version_info):  # older Slicer: this message, not an error from newer code below
     raise ImportError(unsupported_message(sys.version_info))
 
+import importlib.util
 import logging
 import pathlib
 from typing import Annotated
@@ -65,6 +66,7 @@ class VoCoSegmentParameterNode:
     fast: bool = False
     useWarmWorker: bool = True
     show3D: bool = False
+    uncertaintyMap: bool = False
     cohortDir: pathlib.Path
     annotator: str = ""
     steps: Annotated[int, WithinRange(1, 1000000)] = 200
@@ -91,8 +93,10 @@ class VoCoSegmentWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWidg
         self.logic = VoCoSegmentLogic()
         self.panel = segment_panel.SegmentPanel(
             slicer.mrmlScene, slicer.util.tempDirectory, lambda: module_support.job_python(qt.QSettings()),
-            self._showSegmentation, self._showTable, self._showModels, lambda fn: qt.QTimer.singleShot(0, fn),
-            chart_title=_("Finetune"), startup_env=slicer.util.startupEnvironment)
+            self._showSegmentation, self._showTable,
+            lambda entries, i: segment_panel.show_models(self.ui.modelComboBox, entries, i, self.onModelSelected),
+            lambda fn: qt.QTimer.singleShot(0, fn),
+            chart_title=_("Finetune"), startup_env=slicer.util.startupEnvironment, show_chart=self._showChart)
         self.logView = module_support.LogFollower()
         self._tick = module_support.TimerTick(lambda text: slicer.util.errorDisplay(text, windowTitle="VoCoSegment"))
         self._timer = qt.QTimer()
@@ -118,6 +122,10 @@ class VoCoSegmentWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWidg
         self.ui.addToCohortButton.connect("clicked(bool)", lambda: self.onAddToCohort(labelled=True))
         self.ui.addUnlabelledButton.connect("clicked(bool)", lambda: self.onAddToCohort(labelled=False))
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetuneButton)
+        self.ui.nextCaseButton.connect("clicked(bool)", lambda: self._do(_("load the next case"), lambda: (
+            self.panel.next_case(self._cohortParams().cohortDir, self._parameterNode.device))))
+        self.ui.diceCurveButton.connect("clicked(bool)", lambda: self._do(
+            _("draw the Dice curve"), lambda: self.panel.dice_curve(self._cohortParams().cohortDir)))
         self.ui.resumeFinetuneButton.connect("clicked(bool)", lambda: self._do(
             _("resume finetuning"), lambda: self._showChart(self.panel.resume_finetune())))
         self.initializeParameterNode()
@@ -184,7 +192,7 @@ class VoCoSegmentWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWidg
 
         def start():
             params = SegmentParams(model=self.panel.model, device=pn.device, fast=pn.fast,
-                                   useWarmWorker=pn.useWarmWorker, show3D=pn.show3D)
+                                   useWarmWorker=pn.useWarmWorker, show3D=pn.show3D, uncertaintyMap=pn.uncertaintyMap)
             if self.panel.run(op, pn.inputVolume, pn.outputSegmentation, params, entry) == "confirm" and \
                     slicer.util.confirmOkCancelDisplay(models_view.download_question(entry)):
                 self.panel.download(entry)
@@ -200,7 +208,8 @@ class VoCoSegmentWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWidg
     def onAddToCohort(self, labelled):
         pn = self._parameterNode
         self._do(_("add the case to the cohort"), lambda: self.panel.add_case(
-            pn.inputVolume, pn.outputSegmentation, self._cohortParams(), labelled))
+            pn.inputVolume, pn.outputSegmentation, self._cohortParams(), labelled,
+            self.ui.caseClassComboBox.currentText))
 
     def onCohortFolderChanged(self, path):  # the parameter node may lag behind the widget
         self._do(_("read the cohort"), lambda: self.panel.cohort_folder_changed(module_support.path_text(path)))
@@ -213,10 +222,10 @@ class VoCoSegmentWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWidg
             vocoLoss=pn.vocoLoss, device=pn.device))))
 
     # ------------------------------------------------------------------ results (called by the panel)
-    def _showSegmentation(self, seg, volume):
+    def _showSegmentation(self, seg, volume):  # a segment result, or the next case to correct (seg may be None)
         if self._parameterNode is not None:
-            self._parameterNode.outputSegmentation = seg
-            if self._parameterNode.show3D:
+            self._parameterNode.inputVolume, self._parameterNode.outputSegmentation = volume, seg
+            if seg is not None and self._parameterNode.show3D:
                 seg.CreateClosedSurfaceRepresentation()
         self._syncEditor()
         slicer.util.setSliceViewerLayers(background=volume)
@@ -225,16 +234,6 @@ class VoCoSegmentWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWidg
         slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
         slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
         slicer.app.applicationLogic().PropagateTableSelection()
-
-    def _showModels(self, entries, index):
-        combo = self.ui.modelComboBox
-        blocked = combo.blockSignals(True)
-        combo.clear()
-        for entry in entries:
-            combo.addItem(entry.text, entry.spec)
-        combo.setCurrentIndex(index)
-        combo.blockSignals(blocked)
-        self.onModelSelected(index)
 
     def _showChart(self, chart):
         if chart is not None:
@@ -260,7 +259,10 @@ class VoCoSegmentWidget(module_support.PanelPlumbing, ScriptedLoadableModuleWidg
         self.ui.resumeFinetuneButton.enabled = view.resume_enabled
         self.ui.addToCohortButton.enabled = self.ui.addUnlabelledButton.enabled = view.add_enabled
         self.ui.refreshModelsButton.enabled = view.refresh_enabled
+        self.ui.nextCaseButton.enabled = self.ui.diceCurveButton.enabled = view.active_enabled
         self.ui.cohortCountsLabel.text = self.panel.cohort_text
+        self.ui.uncertaintyLabel.text, self.ui.activeLabel.text = self.panel.uncertainty_text, self.panel.active_text
+        segment_panel.show_classes(self.ui.caseClassComboBox, self.panel.classes, self.panel.take_class_proposal())
         if self.panel.model_error:
             self.ui.modelInfoLabel.text = self.panel.model_error
         self.logView.show(self.ui.logTextEdit, self.panel.logs())
@@ -288,8 +290,6 @@ class VoCoSegmentTest(ScriptedLoadableModuleTest):
         self.assertEqual(driver.state.state, JobState.DONE, driver.state.message)
 
     def test_segment_phantom_and_add_to_cohort(self):
-        import importlib.util
-
         if importlib.util.find_spec("torch") is None:
             self.skipTest("PyTorch is not installed (installs are skipped in testing mode)")
         segments, counts = segment_panel.self_test(slicer.mrmlScene, pathlib.Path(slicer.util.tempDirectory()),

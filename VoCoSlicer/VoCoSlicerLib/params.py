@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from vocoslicer.contracts.models import DEMO_MODEL_ID as DEMO_MODEL_ID  # the engine's bundled model
@@ -44,9 +45,16 @@ class SegmentParams:
     fast: bool = False
     useWarmWorker: bool = True  # noqa: N815 - Slicer parameter names are camelCase
     show3D: bool = False  # noqa: N815
+    uncertaintyMap: bool = False  # noqa: N815 - also write the voxel entropy map and overlay it
+
+    @staticmethod
+    def map_path(output_path: str) -> str:
+        """Where the entropy map goes: next to the output, i.e. in the job's work folder (deleted with it)."""
+        return str(Path(output_path).with_name("uncertainty.nii.gz"))
 
     def segment_args(self, input_path: str, output_path: str) -> list[str]:
-        """``segment IN -o OUT [--model M] [--device D] [--fast] --events stdout``."""
+        """``segment IN -o OUT [--model M] [--device D] [--fast] --uncertainty [--uncertainty-map MAP] --events
+        stdout``: the uncertainty comes from the same softmax scores (no extra pass), so it is always asked for."""
         _check_choice("device", self.device, DEVICES)
         args = ["segment", str(input_path), "-o", str(output_path)]
         if self.model:
@@ -54,7 +62,15 @@ class SegmentParams:
         args += ["--device", self.device]
         if self.fast:
             args.append("--fast")
+        args.append("--uncertainty")
+        if self.uncertaintyMap:
+            args += ["--uncertainty-map", self.map_path(output_path)]
         return [*args, *COMMAND_EVENTS]
+
+    def uncertainty_request(self, output_path: str) -> dict[str, Any]:
+        """The same options for a warm-worker ``segment`` request (vocoslicer/infer/worker.py)."""
+        return {"uncertainty": True, **({"uncertainty_map": self.map_path(output_path)} if self.uncertaintyMap
+                                        else {})}
 
     def classify_args(self, input_path: str, output_json: str) -> list[str]:
         """``classify IN -o OUT.json --model M --device D --events stdout``."""

@@ -92,7 +92,7 @@ def prepare_segment(volume_node: slicer.vtkMRMLVolumeNode, params: SegmentParams
     source = mrml_io.write_volume(volume_node, work / "input.nrrd")
     output = work / "segmentation.nii.gz"
     request = {"input": str(source), "output": str(output), "model": params.model or DEMO_MODEL_ID,
-               "device": params.device, "fast": params.fast}
+               "device": params.device, "fast": params.fast, **params.uncertainty_request(str(output))}
     return Task(work, source, output, params.segment_args(str(source), str(output)), request, volume_node,
                 segmentation_node)
 
