@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """``pretrain mim`` argument checks, before any run folder exists."""
+    if getattr(args, "list_inputs", False):
+        return  # --list-inputs needs only --data: it imports nothing heavy and builds no model
     from vocoslicer.errors import UserError
 
     validate_common(args)

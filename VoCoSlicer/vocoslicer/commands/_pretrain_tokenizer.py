@@ -143,6 +143,8 @@ def validate_common(args: argparse.Namespace) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """``pretrain tokenizer`` argument checks (the crop against the tokenizer's stride included)."""
+    if getattr(args, "list_inputs", False):
+        return  # --list-inputs needs only --data: it imports nothing heavy and builds no model
     from vocoslicer.models.pumit.tokenizer import TOKENIZER_SIZES, TokenizerConfig
 
     validate_common(args)

@@ -102,6 +102,8 @@ _MIN_CROP = 32
 
 def validate(args: argparse.Namespace) -> None:
     """Argument checks that need no data, run by the CLI before the run folder exists."""
+    if getattr(args, "list_inputs", False):
+        return  # --list-inputs needs only --data: it imports nothing heavy and builds no model
     from vocoslicer.commands._jobsetup import check_training_args
 
     check_training_args(args)
