@@ -5,7 +5,14 @@ source "$(dirname "$0")/_env.sh" test
 cd "$REPO"
 "$PY" -m ruff check .
 set +e
-"$PY" -m pytest "$@"
+# two workers on the two CI cores (whole test files per worker: module fixtures stay in one process), one
+# BLAS/OpenMP thread each so they do not oversubscribe; VOCOSLICER_TEST_WORKERS=0 runs serially
+WORKERS="${VOCOSLICER_TEST_WORKERS:-2}"
+if [ "$WORKERS" = 0 ]; then
+  "$PY" -m pytest "$@"
+else
+  OMP_NUM_THREADS=1 "$PY" -m pytest -n "$WORKERS" --dist loadfile "$@"
+fi
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -122,7 +122,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.model_id:
         from vocoslicer.ids import check_id
 
-        check_id(args.model_id, "--model-id")  # installs under models/<id>/: no run folder for a traversal id
+        check_id(args.model_id, "model id")  # installs under models/<id>/: no run folder for a traversal id
     if not Path(args.cohort).expanduser().is_dir():
         raise UserError(f"--cohort {args.cohort}: no such cohort folder (create one with 'vocoslicer cohort init')")
     read_resume_state(opts)
