@@ -57,19 +57,17 @@ class ClsInit:
 
     def build(self) -> torch.nn.Module:
         """The network with its starting weights."""
-        from vocoslicer.models.factory import build_model
+        from vocoslicer.train.finetune_init import build_with
 
-        model = build_model(*self.arch)
-        if self.load is not None:
-            self.load(model)
-        return model
+        return build_with(self.arch, self.load)
 
     def default_id(self, cohort_name: str) -> str:
         """A classification bundle keeps its id (a new version); otherwise ``classifier-<cohort>``."""
         if self.kind == "classification" and self.parent:
             return str(self.parent["id"])
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in cohort_name) or "cohort"
-        return f"classifier-{safe}"
+        from vocoslicer.train.finetune_init import id_safe
+
+        return f"classifier-{id_safe(cohort_name)}"  # ASCII, like every model id
 
 
 def arch_args(arch: str, n_classes: int, feature_size: int | None = None, vit_size: str | None = None,

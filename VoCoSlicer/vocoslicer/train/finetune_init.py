@@ -25,6 +25,21 @@ from vocoslicer.models.bundle import (
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 
 
+def build_with(arch: tuple[str, dict[str, Any]], load: Callable[[torch.nn.Module], None] | None) -> torch.nn.Module:
+    """Build ``arch`` (factory name, arguments) and apply the starting weights ``load``; shared by both finetunes."""
+    from vocoslicer.models.factory import build_model
+
+    model = build_model(*arch)
+    if load is not None:
+        load(model)
+    return model
+
+
+def id_safe(name: str) -> str:
+    """``name`` (a cohort folder name) made into a valid model-id part: ids are ASCII only (vocoslicer.ids)."""
+    return "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "-_" else "-" for ch in name) or "cohort"
+
+
 @dataclass
 class InitModel:
     """Where finetuning starts: architecture, label outputs, preprocessing and how to load the first weights."""
@@ -46,19 +61,13 @@ class InitModel:
 
     def build(self) -> torch.nn.Module:
         """The network with its starting weights."""
-        from vocoslicer.models.factory import build_model
-
-        model = build_model(*self.arch)
-        if self.load is not None:
-            self.load(model)
-        return model
+        return build_with(self.arch, self.load)
 
     def default_id(self, cohort_name: str) -> str:
         """A finetuned bundle keeps its parent's id (a new version); otherwise it is named after the cohort."""
         if self.kind == "bundle" and self.parent:
             return str(self.parent["id"])
-        safe = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "-_" else "-" for ch in cohort_name) or "cohort"
-        return f"finetuned-{safe}"
+        return f"finetuned-{id_safe(cohort_name)}"
 
     def bundle_meta(self, model_id: str, version: str, roi: Sequence[int], training: dict[str, Any]
                     ) -> dict[str, Any]:
