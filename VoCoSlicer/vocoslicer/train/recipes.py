@@ -16,12 +16,12 @@ AMP_CHOICES = ("auto", "bf16", "fp16", "off")  # --amp of every training command
 
 @dataclass(frozen=True)
 class PretrainDefaults:
-    """The schedule every pretraining method has (each method overrides the values of its paper)."""
+    """The schedule every pretraining method has; the first four values are each method's own (its paper's)."""
 
-    steps: int = 100_000
-    batch: int = 2
-    lr: float = 1e-4
-    weight_decay: float = 0.01
+    steps: int
+    batch: int
+    lr: float
+    weight_decay: float
     warmup_fraction: float = 0.1  # of --steps, when --warmup is not given
     seed: int = 0
     workers: int = 2

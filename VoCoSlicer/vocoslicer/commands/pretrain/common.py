@@ -78,6 +78,18 @@ def add_deprecated_alias(p: argparse.ArgumentParser, old: str, dest: str, **kwar
     p.add_argument(old, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
 
 
+def set_handlers(p: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
+                 validate: Callable[[argparse.Namespace], None]) -> None:
+    """``run`` and ``validate`` as the method's CLI handlers; ``--list-inputs`` skips ``validate``: it needs only
+    ``--data``, imports nothing heavy and builds no model (users check a folder before a week-long run)."""
+
+    def checks(args: argparse.Namespace) -> None:
+        if not getattr(args, "list_inputs", False):
+            validate(args)
+
+    p.set_defaults(func=run, validate=checks)
+
+
 def validate_common(args: argparse.Namespace) -> None:
     """Checks of the options in :func:`add_common_options`, before any run folder exists (steps and batch are the
     method's: ``pretrain voco --steps 0`` only exports)."""

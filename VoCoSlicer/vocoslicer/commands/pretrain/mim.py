@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vocoslicer.commands.pretrain.common import train_config
+from vocoslicer.commands.pretrain.common import set_handlers, train_config
 from vocoslicer.commands.pretrain.tokenizer import (
     add_pumit_options,
     list_or_relaunch_pumit,
@@ -38,13 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start from ViT weights: EVA-02 checkpoint (the paper starts from eva02_B_pt_in21k_p14.pt), "
                         "a PUMIT MIM checkpoint or a backbone bundle")
-    p.set_defaults(func=run, validate=validate)
+    set_handlers(p, run, validate)
 
 
 def validate(args: argparse.Namespace) -> None:
     """``pretrain mim`` argument checks, before any run folder exists."""
-    if getattr(args, "list_inputs", False):
-        return  # --list-inputs needs only --data: it imports nothing heavy and builds no model
     validate_pumit(args)
     if not 0 < args.mask_ratio < 1:
         raise UserError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")

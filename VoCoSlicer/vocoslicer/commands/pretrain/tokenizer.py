@@ -14,6 +14,7 @@ from vocoslicer.commands.pretrain.common import (
     add_common_options,
     add_deprecated_alias,
     list_or_relaunch,
+    set_handlers,
     train_config,
     validate_common,
 )
@@ -86,13 +87,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--perceptual", default=d.perceptual,
                    help="random[:C1,C2,..] (frozen seeded random features, default) or lpips:VGG16.pth,LIN.pth "
                         "(LPIPS-VGG16 from local weight files)")
-    p.set_defaults(func=run, validate=validate)
+    set_handlers(p, run, validate)
 
 
 def validate(args: argparse.Namespace) -> None:
     """``pretrain tokenizer`` argument checks (the crop against the tokenizer's stride included)."""
-    if getattr(args, "list_inputs", False):
-        return  # --list-inputs needs only --data: it imports nothing heavy and builds no model
     from vocoslicer.models.pumit.tokenizer import TOKENIZER_SIZES, TokenizerConfig
 
     validate_pumit(args)

@@ -6,7 +6,13 @@ import argparse
 import math
 import sys
 
-from vocoslicer.commands.pretrain.common import add_common_options, list_or_relaunch, train_config, validate_common
+from vocoslicer.commands.pretrain.common import (
+    add_common_options,
+    list_or_relaunch,
+    set_handlers,
+    train_config,
+    validate_common,
+)
 from vocoslicer.errors import UserError
 from vocoslicer.train.recipes import VOCO
 
@@ -41,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dtype", choices=("int16", "uint8"), default=VOCO.cache_dtype)
     p.add_argument("--init", default=None, metavar="CKPT", help="start from a checkpoint (official VoCo files too)")
     p.add_argument("--export-only", action="store_true", help="only export RUNDIR/backbone from the last checkpoint")
-    p.set_defaults(func=run, validate=validate)
+    set_handlers(p, run, validate)
 
 
 def _triplet(text: str, name: str) -> tuple[float, float, float] | None:
@@ -69,8 +75,6 @@ def _window(text: str) -> tuple[float, float]:
 
 def validate(args: argparse.Namespace) -> None:
     """Argument checks that need no data, run by the CLI before the run folder exists."""
-    if getattr(args, "list_inputs", False):
-        return  # --list-inputs needs only --data: it imports nothing heavy and builds no model
     validate_common(args)
     if args.export_only:
         return
