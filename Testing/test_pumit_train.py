@@ -162,7 +162,7 @@ def test_cli_tokenizer_then_mim(tmp_path, items):
                  "--size", "tiny", "--init", str(tmp_path / "tok" / "tokenizer_config.json")]) == 2
     assert main(["pretrain", "mim", "--tokenizer", str(tmp_path / "nope"), *common, "--out", str(tmp_path / "x")]) == 2
     assert main(["pretrain", "tokenizer", *common, "--out", str(tmp_path / "y"), "--crop", "30,32"]) == 2
-    from vocoslicer.commands._pretrain_tokenizer import parse_crop
+    from vocoslicer.commands.pretrain.tokenizer import parse_crop
 
     assert parse_crop("96", 16) == (6, 6) and parse_crop("80,160", 16) == (5, 10)
 

@@ -61,6 +61,8 @@ def _job_options_after_command(parser: argparse.ArgumentParser) -> None:
     Every subcommand gets copies with ``default=SUPPRESS``: given there they win, not given they leave the
     top-level value alone. A command with its own ``--events`` (segment, classify) keeps it; the job reads both.
     """
+    from vocoslicer.jobs.runner import add_events_argument
+
     for action in parser._actions:
         if not isinstance(action, argparse._SubParsersAction):
             continue
@@ -69,9 +71,8 @@ def _job_options_after_command(parser: argparse.ArgumentParser) -> None:
                 sp.add_argument("--run-dir", dest="job_run_dir", type=Path, metavar="DIR", default=argparse.SUPPRESS,
                                 help="run as a job (same as the global --run-dir)")
             if "--events" not in sp._option_string_actions:
-                sp.add_argument("--events", dest="job_events", choices=("none", "stdout"),
-                                default=argparse.SUPPRESS, help="job events as JSON lines on stdout (as the global "
-                                                                "--events)")
+                add_events_argument(sp, dest="job_events", default=argparse.SUPPRESS,
+                                    help="job events as JSON lines on stdout (as the global --events)")
             _job_options_after_command(sp)
 
 

@@ -72,7 +72,7 @@ def check_training_args(args: argparse.Namespace) -> None:
             check_number(getattr(args, name), "--" + name.replace("_", "-"))
     if hasattr(args, "weight_decay"):
         check_number(args.weight_decay, "--weight-decay", inclusive=True)
-    for name in ("grad_accum", "accum", "ckpt_every", "log_every"):
+    for name in ("grad_accum", "ckpt_every", "log_every"):
         if getattr(args, name, 1) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if getattr(args, "workers", 0) < 0:

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from vocoslicer.jobs.runner import add_events_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``classify`` command."""
@@ -18,8 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", default=None, help="write the result to a .json or .csv file")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--series", default=None, help="DICOM SeriesInstanceUID when the folder holds several series")
-    p.add_argument("--events", choices=("none", "stdout"), default="none",
-                   help="emit JSON-lines progress events on stdout (for the Slicer module / job clients)")
+    add_events_argument(p)
     p.set_defaults(func=run, validate=validate)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from vocoslicer import config
 from vocoslicer.commands import _finetune_cls
 from vocoslicer.errors import UserError
+from vocoslicer.train.recipes import AMP_CHOICES
 
 
 def _triplet(text: str) -> list[int]:
@@ -74,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (default: steps/10)")
     p.add_argument("--patience", type=int, default=0, help="stop after N validations without improvement (0: off)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="mixed precision")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision")
     p.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from vocoslicer.jobs.runner import add_events_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``models`` command group."""
@@ -24,8 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     dl.add_argument("--force", action="store_true", help="reinstall even if already installed")
     dl.add_argument("--keep-download", action="store_true", help="keep the original .pt next to the bundle")
     dl.add_argument("--json", action="store_true", help="print the result as JSON")
-    dl.add_argument("--events", choices=("none", "stdout"), default="none",
-                    help="JSON-lines progress events on stdout (for the Slicer module)")
+    add_events_argument(dl, help="JSON-lines progress events on stdout (for the Slicer module)")
     dl.set_defaults(func=_download)
 
     im = verbs.add_parser("import", help="install a local bundle folder/zip or an official .pt (offline)")

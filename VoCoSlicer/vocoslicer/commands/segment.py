@@ -7,12 +7,7 @@ import sys
 
 from vocoslicer import config
 from vocoslicer.errors import UserError
-
-
-def add_events_flag(p: argparse.ArgumentParser) -> None:
-    """``--events stdout``: JSON-lines events on stdout for a parent process (the Slicer GUI)."""
-    p.add_argument("--events", choices=("none", "stdout"), default="none",
-                   help="emit JSON-lines progress events on stdout (for the Slicer module / job clients)")
+from vocoslicer.jobs.runner import add_events_argument
 
 
 def add_runtime_flags(p: argparse.ArgumentParser) -> None:
@@ -54,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     add_batch_arguments(p)  # several inputs / --cohort / an output folder: batch mode; .dcm: DICOM SEG
     add_runtime_flags(p)
-    add_events_flag(p)
+    add_events_argument(p)  # --events stdout: JSON-lines events on stdout for a parent process (the GUI)
     config.add_config_option(p)
     p.set_defaults(func=run, validate=validate)
 

@@ -34,6 +34,7 @@ from vocoslicer.data.sources import Source, find_sources
 from vocoslicer.errors import UserError
 from vocoslicer.io.atomic import atomic_path, atomic_write_json
 from vocoslicer.io.volume import read_image
+from vocoslicer.train.recipes import VOCO
 
 __all__ = ["Entry", "MappedArrays", "PreprocessConfig", "Preprocessor", "Source", "VolumeCache", "find_sources",
            "prepare_entries", "preprocess"]
@@ -51,11 +52,11 @@ class Preprocessor(Protocol):
 class PreprocessConfig:
     """What one cached array means: orientation, spacing (mm, None = keep), HU window, storage dtype."""
 
-    spacing: tuple[float, float, float] | None = (1.5, 1.5, 1.5)
+    spacing: tuple[float, float, float] | None = (VOCO.spacing,) * 3
     orientation: str = "RAS"
-    a_min: float = -175.0
-    a_max: float = 250.0
-    dtype: str = "int16"  # int16: HU clipped to [a_min, a_max]; uint8: window scaled to 0..255 (half the bytes)
+    a_min: float = VOCO.a_min
+    a_max: float = VOCO.a_max
+    dtype: str = VOCO.cache_dtype  # int16: HU clipped to [a_min, a_max]; uint8: window scaled to 0..255 (half size)
     crop_foreground: bool = True  # like CropForegroundd on the windowed image (voxels above a_min)
     min_size: int = 16  # smaller along any axis after preprocessing → bad volume
 

@@ -59,14 +59,27 @@ def job_event_sink(path: str | Path | None, stdout: bool, rank: int = 0) -> Even
     return EventSink(path=path, stdout=True, rank=rank) if stdout else TerminalEventSink(path=path, rank=rank)
 
 
+EVENTS_CHOICES = ("none", "stdout")
+
+
+def add_events_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup, dest: str = "events",
+                        default: Any = "none",
+                        help: str = "emit JSON-lines progress events on stdout (for the Slicer module / job clients)",
+                        ) -> argparse.Action:
+    """``--events none|stdout``, the one definition: the global job option (``dest="job_events"``), its copies
+    after each command (``default=SUPPRESS``) and the commands that report through their own option (segment,
+    classify, models download) all accept the same values, which :func:`start_job` reads from either dest."""
+    return parser.add_argument("--events", dest=dest, choices=EVENTS_CHOICES, default=default, help=help)
+
+
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the job options to the top-level parser (they apply to every command)."""
     group = parser.add_argument_group("job options (before or after the command)")
     # dest names are prefixed so that a command's own ``run_dir``/``events`` arguments never collide with them
     group.add_argument("--run-dir", dest="job_run_dir", type=Path, metavar="DIR",
                        help="run as a job: write run.json, events.jsonl, log.txt and checkpoints/ into DIR")
-    group.add_argument("--events", dest="job_events", choices=("none", "stdout"), default="none",
-                       help="also print job events as JSON lines on stdout (for a parent process)")
+    add_events_argument(group, dest="job_events",
+                        help="also print job events as JSON lines on stdout (for a parent process)")
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:

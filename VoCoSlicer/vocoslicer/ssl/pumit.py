@@ -11,13 +11,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-QUANT_WEIGHT = 0.03  # λ_q, README recipe of the official code
-ENTROPY_WEIGHT = 1.0  # λ_e
+from vocoslicer.train.recipes import MIM, TOKENIZER
+
+QUANT_WEIGHT = TOKENIZER.quant_weight  # λ_q, README recipe of the official code
+ENTROPY_WEIGHT = TOKENIZER.entropy_weight  # λ_e
 GAN_WEIGHT = 3e-3
 GAN_THRESHOLD = 0.025
 GAN_EMA_MOMENTUM = 0.9
 GAN_EMA_INIT = 0.1
-MASK_RATIO = 0.55
+MASK_RATIO = MIM.mask_ratio
 
 
 def soft_tokens(logits: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

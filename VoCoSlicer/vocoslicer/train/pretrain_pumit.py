@@ -32,6 +32,7 @@ from vocoslicer.models.pumit.tokenizer import PumitTokenizer, TokenizerConfig
 from vocoslicer.models.pumit.vit import PumitViT, param_groups, vit_config
 from vocoslicer.ssl import pumit as P
 from vocoslicer.train.loop import TrainConfig, Trainer, unwrap
+from vocoslicer.train.recipes import MIM, TOKENIZER
 from vocoslicer.train.schedule import warmup_cosine
 from vocoslicer.train.state import load_checkpoint
 
@@ -44,11 +45,11 @@ class TokenizerRecipe:
 
     quant_weight: float = P.QUANT_WEIGHT
     entropy_weight: float = P.ENTROPY_WEIGHT
-    perceptual_weight: float = 1.0
-    perceptual: str = "random"  # or "lpips:VGG16_WEIGHTS,LPIPS_LIN_WEIGHTS" (local files)
+    perceptual_weight: float = TOKENIZER.perceptual_weight
+    perceptual: str = TOKENIZER.perceptual  # or "lpips:VGG16_WEIGHTS,LPIPS_LIN_WEIGHTS" (local files)
     gan_weight: float = P.GAN_WEIGHT
     gan_threshold: float = P.GAN_THRESHOLD
-    d_lr: float = 1e-3
+    d_lr: float = TOKENIZER.d_lr
     d_channels: tuple[int, ...] = (128, 256, 512)
 
 
@@ -282,7 +283,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def train_mim(items: list[VolumeItem], run_dir: Path, tokenizer: PumitTokenizer, cfg: TrainConfig, size: str = "B",
-              batch_size: int = 14, tokens_z: int = 5, tokens_xy: int = 10, mask_ratio: float = P.MASK_RATIO,
+              batch_size: int = MIM.batch, tokens_z: int = 5, tokens_xy: int = 10, mask_ratio: float = P.MASK_RATIO,
               mask_layer_start: int | None = None, resume: bool = False, events: EventSink | None = None,
               workers: int = 0, should_stop: Any = None, vit_overrides: dict | None = None,
               init: str | Path | None = None) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from vocoslicer.models.voco_head import SwinEncoder, VoCoHead
 from vocoslicer.ssl.voco import VoCoGeometry
 from vocoslicer.train import distributed as D
 from vocoslicer.train.loop import TrainConfig, Trainer
+from vocoslicer.train.recipes import VOCO
 
 RECIPE_FILE = "voco_recipe.json"
 
@@ -36,19 +37,19 @@ RECIPE_FILE = "voco_recipe.json"
 class VoCoRecipe:
     """Everything VoCo-specific about a run (the optimiser/schedule/AMP part is the loop's TrainConfig)."""
 
-    size: str | None = "B"
+    size: str | None = VOCO.size
     feature_size: int | None = None
-    roi: int = 64
-    grid: int = 3
-    sw: int = 2
+    roi: int = VOCO.crop
+    grid: int = VOCO.grid
+    sw: int = VOCO.sw
     depth: int | None = None
-    batch: int = 2  # volumes per step and rank; each gives sw random + grid² base crops
+    batch: int = VOCO.batch  # volumes per step and rank; each gives sw random + grid² base crops
     grad_ckpt: bool = False
     patch_merging: str = "legacy"
     hidden_dim: int = 1024
     out_dim: int = 1024
     init: str | None = None
-    workers: int = 4
+    workers: int = VOCO.workers
     augment: bool = True
     cache_dir: str | None = None
     cache_limit_gb: float | None = None
