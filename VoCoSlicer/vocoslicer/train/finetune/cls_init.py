@@ -20,9 +20,10 @@ import torch
 from vocoslicer.errors import UserError
 from vocoslicer.jobs.events import NULL_SINK, EventSink
 from vocoslicer.models.bundle import DEFAULT_PREPROCESSING, sha256_file
-from vocoslicer.train.finetune_init import CHECKPOINT_SUFFIXES
+from vocoslicer.train.finetune.init import CHECKPOINT_SUFFIXES, build_with, id_safe, swin_loader
+from vocoslicer.train.finetune.options import ARCHS
 
-ARCHS = ("voco_classifier", "pumit_vit_cls")
+_MISFIT = "does not fit this classifier's encoder"
 PUMIT_WINDOW = {"b_min": -1.0, "b_max": 1.0}
 """A fresh PUMIT ViT sees ``2x - 1`` of the window (PUMIT's BTCV downstream input, pumit_spec "downstream input
 normalisations"); measured on splenomegaly phantoms: with [0, 1] inputs the ViT stayed at chance (24 cases, 400
@@ -57,16 +58,12 @@ class ClsInit:
 
     def build(self) -> torch.nn.Module:
         """The network with its starting weights."""
-        from vocoslicer.train.finetune_init import build_with
-
         return build_with(self.arch, self.load)
 
     def default_id(self, cohort_name: str) -> str:
         """A classification bundle keeps its id (a new version); otherwise ``classifier-<cohort>``."""
         if self.kind == "classification" and self.parent:
             return str(self.parent["id"])
-        from vocoslicer.train.finetune_init import id_safe
-
         return f"classifier-{id_safe(cohort_name)}"  # ASCII, like every model id
 
 
@@ -86,20 +83,6 @@ def arch_args(arch: str, n_classes: int, feature_size: int | None = None, vit_si
         return {"num_classes": n_classes, "in_channels": 1, "size": vit_size or "B", "patch_depth": int(patch or 16),
                 **({"vit_args": va} if va else {})}
     raise UserError(f"finetune: --arch must be one of {', '.join(ARCHS)}, got {arch!r}")
-
-
-def _swin_loader(state: dict[str, torch.Tensor], source: str, events: EventSink
-                 ) -> Callable[[torch.nn.Module], None]:
-    def load(model: torch.nn.Module) -> None:
-        from vocoslicer.models.checkpoints import load_official_weights
-
-        report = load_official_weights(model, state, source)
-        if report.missing_backbone:
-            raise UserError(f"{source}: does not fit this classifier's encoder ({len(report.missing_backbone)} "
-                            f"encoder tensors missing or of another shape, e.g. {report.missing_backbone[:2]})")
-        events.log(report.summary())
-
-    return load
 
 
 def _pumit_loader(state: dict[str, torch.Tensor], source: str, events: EventSink) -> Callable[[torch.nn.Module], None]:
@@ -160,7 +143,8 @@ def resolve_cls_init(spec: str, n_classes: int, arch: str | None = None, feature
         args = arch_args("voco_classifier", n_classes, fs, pool=pool)
         parent = {"checkpoint": str(path.resolve()), "sha256": sha256_file(path)}
         return ClsInit("checkpoint", ("voco_classifier", args), pre, size_for("voco_classifier"), parent,
-                       f"checkpoint {path.name} (feature size {fs})", _swin_loader(state, str(path), events))
+                       f"checkpoint {path.name} (feature size {fs})",
+                       swin_loader(state, str(path), events, _MISFIT))
     try:
         bundle = registry.resolve(spec)
     except UserError as exc:
@@ -205,4 +189,4 @@ def resolve_cls_init(spec: str, n_classes: int, arch: str | None = None, feature
     fs = _fs_of(state, src)
     new = arch_args("voco_classifier", n_classes, fs, pool=pool)
     return ClsInit(bundle.task, ("voco_classifier", new), bpre, size_for("voco_classifier"), parent,
-                   bundle.describe(), _swin_loader(state, src, events))
+                   bundle.describe(), swin_loader(state, src, events, _MISFIT))

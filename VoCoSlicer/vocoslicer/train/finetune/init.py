@@ -84,15 +84,18 @@ def _scratch_arch(labels: LabelTable, feature_size: int | None, in_channels: int
                          "out_channels": len(labels) + 1, "patch_merging": "legacy"}
 
 
-def _backbone_loader(state: dict[str, torch.Tensor], source: str, events: EventSink
-                     ) -> Callable[[torch.nn.Module], None]:
+def swin_loader(state: dict[str, torch.Tensor], source: str, events: EventSink,
+                misfit: str = "the checkpoint does not fit this backbone") -> Callable[[torch.nn.Module], None]:
+    """A loader of VoCo/SwinUNETR weights by name and shape (:func:`load_official_weights`), shared by both
+    finetunes: a decoder or head may stay random (the report says what), a missing encoder tensor is an error
+    (``<source>: <misfit> (...)``), since then the pretraining would silently not be used."""
     def load(model: torch.nn.Module) -> None:
         from vocoslicer.models.checkpoints import load_official_weights
 
         report = load_official_weights(model, state, source)
         if report.missing_backbone:
-            raise UserError(f"{source}: the checkpoint does not fit this backbone ({len(report.missing_backbone)} "
-                            f"encoder tensors missing or of another shape, e.g. {report.missing_backbone[:2]})")
+            raise UserError(f"{source}: {misfit} ({len(report.missing_backbone)} encoder tensors missing or of "
+                            f"another shape, e.g. {report.missing_backbone[:2]})")
         events.log(report.summary())
 
     return load
@@ -143,7 +146,7 @@ def resolve_init(spec: str, cohort_labels: LabelTable, feature_size: int | None 
         arch = _scratch_arch(cohort_labels, fs, in_ch)
         parent = {"checkpoint": str(path.resolve()), "sha256": sha256_file(path)}
         return InitModel("checkpoint", arch, cohort_labels, cv, pre, inf, parent,
-                         f"checkpoint {path.name} (feature size {fs})", _backbone_loader(state, str(path), events))
+                         f"checkpoint {path.name} (feature size {fs})", swin_loader(state, str(path), events))
     bundle = registry.resolve(spec)
     parent = {"id": bundle.id, "version": bundle.version,
               "sha256": (bundle.meta.get("weights") or {}).get("sha256", "")}
@@ -152,7 +155,7 @@ def resolve_init(spec: str, cohort_labels: LabelTable, feature_size: int | None 
         args = {**args, "out_channels": len(cv)}
         return InitModel("backbone", (name, args), cohort_labels, cv, {**bundle.preprocessing, **(preprocessing or {})},
                          {**bundle.inference, **({"roi_size": list(roi)} if roi else {})}, parent,
-                         bundle.describe(), _backbone_loader(bundle.state_dict(), str(bundle.path), events))
+                         bundle.describe(), swin_loader(bundle.state_dict(), str(bundle.path), events))
     if bundle.task != "segmentation":
         raise UserError(f"--init {spec}: {bundle.describe()} is a {bundle.task} model; finetuning needs a "
                         "segmentation model, a backbone, a VoCo checkpoint or 'scratch'")
