@@ -101,6 +101,40 @@ def swin_loader(state: dict[str, torch.Tensor], source: str, events: EventSink,
     return load
 
 
+SWIN_PATCH_KEY = "swinViT.patch_embed.proj.weight"
+
+
+def swin_width(state: dict[str, torch.Tensor], source: str) -> tuple[int, int]:
+    """Feature size and input channels of a VoCo/SwinUNETR state dict (a one-line error for anything else)."""
+    if SWIN_PATCH_KEY not in state:
+        raise UserError(f"{source}: not a VoCo / SwinUNETR checkpoint (no {SWIN_PATCH_KEY})")
+    weight = state[SWIN_PATCH_KEY]
+    return int(weight.shape[0]), int(weight.shape[1])
+
+
+def read_swin_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The official-layout state dict of a checkpoint file: an official VoCo one or the model of a vocoslicer
+    training checkpoint (``run_dir/checkpoints/last.pt``); both finetunes start from either."""
+    from vocoslicer.models.checkpoints import official_state_dict, read_checkpoint
+
+    obj = read_checkpoint(path)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "state_dict" not in obj:
+        obj = obj["model"]  # a vocoslicer training checkpoint (run_dir/checkpoints/last.pt)
+    state, _, _ = official_state_dict(obj, str(path))
+    return state
+
+
+def checkpoint_parent(path: Path) -> dict[str, Any]:
+    """The ``parent`` record of a bundle finetuned from a checkpoint file."""
+    return {"checkpoint": str(path.resolve()), "sha256": sha256_file(path)}
+
+
+def bundle_parent(bundle: ModelBundle) -> dict[str, Any]:
+    """The ``parent`` record of a bundle finetuned from another bundle."""
+    return {"id": bundle.id, "version": bundle.version,
+            "sha256": (bundle.meta.get("weights") or {}).get("sha256", "")}
+
+
 def _check_labels(cohort_labels: LabelTable, bundle: ModelBundle, events: EventSink) -> None:
     """The cohort's labels must be outputs of the bundle, under the same names."""
     outputs = set(bundle.channel_values[1:])
@@ -133,23 +167,13 @@ def resolve_init(spec: str, cohort_labels: LabelTable, feature_size: int | None 
                          "random initialisation")
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
-        from vocoslicer.models.checkpoints import official_state_dict, read_checkpoint
-
-        obj = read_checkpoint(path)
-        if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "state_dict" not in obj:
-            obj = obj["model"]  # a vocoslicer training checkpoint (run_dir/checkpoints/last.pt)
-        state, _, _ = official_state_dict(obj, str(path))
-        key = "swinViT.patch_embed.proj.weight"
-        if key not in state:
-            raise UserError(f"{path}: not a VoCo / SwinUNETR checkpoint (no {key})")
-        fs, in_ch = int(state[key].shape[0]), int(state[key].shape[1])
-        arch = _scratch_arch(cohort_labels, fs, in_ch)
-        parent = {"checkpoint": str(path.resolve()), "sha256": sha256_file(path)}
-        return InitModel("checkpoint", arch, cohort_labels, cv, pre, inf, parent,
-                         f"checkpoint {path.name} (feature size {fs})", swin_loader(state, str(path), events))
+        state = read_swin_checkpoint(path)
+        fs, in_ch = swin_width(state, str(path))
+        return InitModel("checkpoint", _scratch_arch(cohort_labels, fs, in_ch), cohort_labels, cv, pre, inf,
+                         checkpoint_parent(path), f"checkpoint {path.name} (feature size {fs})",
+                         swin_loader(state, str(path), events))
     bundle = registry.resolve(spec)
-    parent = {"id": bundle.id, "version": bundle.version,
-              "sha256": (bundle.meta.get("weights") or {}).get("sha256", "")}
+    parent = bundle_parent(bundle)
     name, args = bundle.architecture
     if bundle.task == "backbone":
         args = {**args, "out_channels": len(cv)}

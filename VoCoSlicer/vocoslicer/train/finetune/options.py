@@ -114,6 +114,14 @@ class FinetuneOptions:
 
     def validate(self) -> None:
         """One-line errors for impossible values (NaN passes ``lr <= 0`` checks, hence the ``isfinite``)."""
+        self._check_optimisation()
+        if self.preprocessing is not None:
+            from vocoslicer.infer.preprocess import check_preprocessing
+
+            check_preprocessing(self.preprocessing)
+        self._check_recipe()
+
+    def _check_optimisation(self) -> None:
         if self.steps < 1 or self.batch < 1 or not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"finetune: --steps and --batch must be >= 1 and --lr a finite number > 0 (got --lr "
                             f"{self.lr})")
@@ -126,10 +134,8 @@ class FinetuneOptions:
         if self.feature_size is not None and (self.feature_size < 12 or self.feature_size % 12):
             raise UserError(f"finetune: --feature-size {self.feature_size} must be a positive multiple of 12 "
                             "(SwinUNETR)")
-        if self.preprocessing is not None:
-            from vocoslicer.infer.preprocess import check_preprocessing
 
-            check_preprocessing(self.preprocessing)
+    def _check_recipe(self) -> None:
         if not 0.0 <= self.semi_start < 1.0:
             raise UserError(f"finetune: --semi-start must be in [0, 1), got {self.semi_start}")
         if not 0.0 < self.confidence <= 1.0:
