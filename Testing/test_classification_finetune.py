@@ -260,7 +260,7 @@ def test_pumit_backbone_initialises_pumit_vit_cls(tmp_path: Path, home: Path, ca
 
 
 def test_class_balanced_batches_and_official_augmentation() -> None:
-    from vocoslicer.train.finetune_cls import ClassBatches, Prepared, augment, sample_weights
+    from vocoslicer.train.finetune.cls import ClassBatches, Prepared, augment, sample_weights
 
     cases = [Prepared(f"c{i}", torch.full((1, 4, 4, 4), 0.5), torch.tensor(int(i > 0)), (int(i > 0),))
              for i in range(4)]  # 1 normal, 3 splenomegaly

@@ -265,3 +265,26 @@ def test_finetune_with_voco_loss_term_resumes_and_writes_a_plain_bundle(tmp_path
                                                 channel_values=[0, *PHANTOM_LABELS.values]),
                            labels=PHANTOM_LABELS).save(tmp_path / "unet", build_model("unet", UNET).state_dict())
         run_finetune(FinetuneOptions(cohort.root, str(unet), tmp_path / "r_unet", ssl_weight=1.0))
+
+
+def test_weight_decay_flag_reaches_the_optimizer(tmp_path: Path) -> None:
+    """``--weight-decay`` of both tasks ends in the AdamW param groups; unset, each task keeps its own default."""
+    from vocoslicer.cli import build_parser
+    from vocoslicer.commands import _finetune_cls
+    from vocoslicer.commands.finetune import options_from
+    from vocoslicer.train.finetune.common import train_config
+    from vocoslicer.train.loop import Trainer
+
+    base = ["finetune", "--cohort", "c", "--init", "scratch", "--out", str(tmp_path / "o"), "--device", "cpu"]
+    cls = ["--task", "classification"]
+    assert options_from(FinetuneOptions, build_parser().parse_args(base)).weight_decay == 1e-5
+    assert _finetune_cls.options(build_parser().parse_args([*base, *cls])).weight_decay == 0.01
+    given = ["--weight-decay", "0.02"]
+    seg_opts = options_from(FinetuneOptions, build_parser().parse_args([*base, *given]))
+    cls_opts = _finetune_cls.options(build_parser().parse_args([*base, *cls, *given]))
+    for opts in (seg_opts, cls_opts):
+        assert opts.weight_decay == 0.02
+        trainer = Trainer(torch.nn.Linear(2, 1), train_config(opts, 0, "val_dice"), None,
+                          lambda m, b: (m(b).sum(), {}), [torch.zeros(1, 2)])
+        assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.02]
+

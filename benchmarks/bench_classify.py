@@ -33,7 +33,7 @@ from vocoslicer.data.cohort_classes import set_classes
 from vocoslicer.data.phantom import generate_phantom, write_phantom
 from vocoslicer.infer.classify import classify_image
 from vocoslicer.models.bundle import ModelBundle
-from vocoslicer.train.finetune_cls import ClsOptions, run_classification_finetune
+from vocoslicer.train.finetune import ClsOptions, run_classification_finetune
 
 TRAIN0, VAL0, TEST0, UNL0 = 0, 5000, 6000, 7000  # seed ranges of the four phantom sets
 

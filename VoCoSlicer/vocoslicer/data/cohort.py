@@ -28,9 +28,9 @@ from vocoslicer.data.cohort_manifest import (
     LOCK,
     MANIFEST,
     SPLITS,
+    assign_splits,
     empty_manifest,
     file_lock,
-    hash_fraction,
     image_hash,
     load_manifest,
     remove_quietly,
@@ -366,18 +366,7 @@ class Cohort:
     def _assign_pending(data: dict[str, Any], ratio: float | None = None) -> None:
         """Give labelled cases without a split one; existing assignments never move."""
         ratio = float(data.get("val_ratio", 0.2) if ratio is None else ratio)
-        labelled = [r for r in data["cases"].values() if r["labels"]]
-        pending = sorted((r for r in labelled if r.get("split") is None), key=lambda r: hash_fraction(r["hash"]))
-        if not pending:
-            return
-        n_val = sum(1 for r in labelled if r.get("split") == "val")
-        want = int(np.floor(ratio * len(labelled) + 0.5))
-        for r in pending:
-            if n_val < want:
-                r["split"] = "val"
-                n_val += 1
-            else:
-                r["split"] = "train"
+        assign_splits([r for r in data["cases"].values() if r["labels"]], ratio)
 
     def remove(self, case_id: str) -> int:
         """Remove a case and its files (manifest first, so a crash leaves unused files, never dangling ones)."""

@@ -20,10 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from vocoslicer.data.cohort import Cohort, Provenance
-from vocoslicer.data.cohort_manifest import LOCK, file_lock, hash_fraction
+from vocoslicer.data.cohort_manifest import LOCK, assign_splits, file_lock
 from vocoslicer.errors import UserError
 from vocoslicer.io.atomic import atomic_write_text
 
@@ -197,15 +195,7 @@ def _assign_stratified(data: dict[str, Any]) -> None:
         if names:
             groups.setdefault(names[0], []).append(rec)
     for recs in groups.values():
-        pending = sorted((r for r in recs if r.get("split") is None), key=lambda r: hash_fraction(r["hash"]))
-        n_val = sum(1 for r in recs if r.get("split") == "val")
-        want = int(np.floor(ratio * len(recs) + 0.5))
-        for r in pending:
-            if n_val < want:
-                r["split"] = "val"
-                n_val += 1
-            else:
-                r["split"] = "train"
+        assign_splits(recs, ratio)
 
 
 def classes_of(cohort: Cohort) -> list[CohortClass]:

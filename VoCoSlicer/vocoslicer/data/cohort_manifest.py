@@ -185,6 +185,21 @@ def hash_fraction(digest: str) -> float:
     return int(digest[:12], 16) / float(1 << 48)
 
 
+def assign_splits(records: list[dict[str, Any]], ratio: float) -> None:
+    """Give the ``records`` without a split one: validation until ``round(ratio * len(records))`` of them are,
+    then training, in image-hash order. Existing assignments never move, so validation scores stay comparable
+    across finetunes; label maps (all labelled cases) and case classes (each class) share this rule."""
+    pending = sorted((r for r in records if r.get("split") is None), key=lambda r: hash_fraction(r["hash"]))
+    n_val = sum(1 for r in records if r.get("split") == "val")
+    want = int(np.floor(ratio * len(records) + 0.5))
+    for r in pending:
+        if n_val < want:
+            r["split"] = "val"
+            n_val += 1
+        else:
+            r["split"] = "train"
+
+
 def remove_quietly(path: Path) -> None:
     """Delete a file if it exists."""
     with contextlib.suppress(FileNotFoundError):

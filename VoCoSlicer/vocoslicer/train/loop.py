@@ -26,10 +26,11 @@ from torch import nn
 from vocoslicer.errors import Cancelled, UserError
 from vocoslicer.jobs.events import NULL_SINK, EventSink
 from vocoslicer.train import distributed as D
+from vocoslicer.train.recipes import AMP_CHOICES
 from vocoslicer.train.schedule import warmup_cosine
 from vocoslicer.train.state import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
+AMP_MODES = AMP_CHOICES  # one list: the --amp choices of every training command
 
 
 @dataclass

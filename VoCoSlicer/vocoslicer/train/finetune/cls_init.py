@@ -19,10 +19,20 @@ import torch
 
 from vocoslicer.errors import UserError
 from vocoslicer.jobs.events import NULL_SINK, EventSink
-from vocoslicer.models.bundle import DEFAULT_PREPROCESSING, sha256_file
-from vocoslicer.train.finetune_init import CHECKPOINT_SUFFIXES
+from vocoslicer.models.bundle import DEFAULT_PREPROCESSING, ModelBundle
+from vocoslicer.train.finetune.init import (
+    CHECKPOINT_SUFFIXES,
+    build_with,
+    bundle_parent,
+    checkpoint_parent,
+    id_safe,
+    read_swin_checkpoint,
+    swin_loader,
+    swin_width,
+)
+from vocoslicer.train.finetune.options import ARCHS
 
-ARCHS = ("voco_classifier", "pumit_vit_cls")
+_MISFIT = "does not fit this classifier's encoder"
 PUMIT_WINDOW = {"b_min": -1.0, "b_max": 1.0}
 """A fresh PUMIT ViT sees ``2x - 1`` of the window (PUMIT's BTCV downstream input, pumit_spec "downstream input
 normalisations"); measured on splenomegaly phantoms: with [0, 1] inputs the ViT stayed at chance (24 cases, 400
@@ -57,16 +67,12 @@ class ClsInit:
 
     def build(self) -> torch.nn.Module:
         """The network with its starting weights."""
-        from vocoslicer.train.finetune_init import build_with
-
         return build_with(self.arch, self.load)
 
     def default_id(self, cohort_name: str) -> str:
         """A classification bundle keeps its id (a new version); otherwise ``classifier-<cohort>``."""
         if self.kind == "classification" and self.parent:
             return str(self.parent["id"])
-        from vocoslicer.train.finetune_init import id_safe
-
         return f"classifier-{id_safe(cohort_name)}"  # ASCII, like every model id
 
 
@@ -88,20 +94,6 @@ def arch_args(arch: str, n_classes: int, feature_size: int | None = None, vit_si
     raise UserError(f"finetune: --arch must be one of {', '.join(ARCHS)}, got {arch!r}")
 
 
-def _swin_loader(state: dict[str, torch.Tensor], source: str, events: EventSink
-                 ) -> Callable[[torch.nn.Module], None]:
-    def load(model: torch.nn.Module) -> None:
-        from vocoslicer.models.checkpoints import load_official_weights
-
-        report = load_official_weights(model, state, source)
-        if report.missing_backbone:
-            raise UserError(f"{source}: does not fit this classifier's encoder ({len(report.missing_backbone)} "
-                            f"encoder tensors missing or of another shape, e.g. {report.missing_backbone[:2]})")
-        events.log(report.summary())
-
-    return load
-
-
 def _pumit_loader(state: dict[str, torch.Tensor], source: str, events: EventSink) -> Callable[[torch.nn.Module], None]:
     def load(model: torch.nn.Module) -> None:
         from vocoslicer.models.pumit import load_backbone
@@ -117,11 +109,32 @@ def _pumit_loader(state: dict[str, torch.Tensor], source: str, events: EventSink
     return load
 
 
-def _fs_of(state: dict[str, torch.Tensor], source: str) -> int:
-    key = "swinViT.patch_embed.proj.weight"
-    if key not in state:
-        raise UserError(f"{source}: not a VoCo / SwinUNETR checkpoint (no {key})")
-    return int(state[key].shape[0])
+@dataclass
+class _Wanted:
+    """What :func:`resolve_cls_init` was asked for, handed to the branch that builds the start."""
+
+    n_classes: int
+    arch: str | None
+    feature_size: int | None
+    vit_size: str | None
+    pool: str
+    patch: int | None
+    preprocessing: dict[str, Any] | None
+    input_size: Sequence[int] | None
+    events: EventSink
+
+    def size_for(self, name: str, bundle_size: Sequence[int] | None = None) -> list[int]:
+        """``--input-size``, else the bundle's, else the architecture's default."""
+        return [int(s) for s in (self.input_size or bundle_size or DEFAULT_INPUT[name])]
+
+    def preprocessing_over(self, base: dict[str, Any]) -> dict[str, Any]:
+        """``--preprocessing`` over ``base``."""
+        return {**base, **(self.preprocessing or {})}
+
+    @property
+    def own_window(self) -> bool:
+        """True when ``--preprocessing`` sets the intensity window (then no family window replaces it)."""
+        return "intensity" in (self.preprocessing or {})
 
 
 def resolve_cls_init(spec: str, n_classes: int, arch: str | None = None, feature_size: int | None = None,
@@ -131,78 +144,92 @@ def resolve_cls_init(spec: str, n_classes: int, arch: str | None = None, feature
     """Resolve ``--init`` for ``n_classes`` outputs (see the module docstring)."""
     from vocoslicer.models import registry
 
-    pre = {**DEFAULT_PREPROCESSING, **(preprocessing or {})}
-
-    def size_for(name: str, bundle_size: Sequence[int] | None = None) -> list[int]:
-        return [int(s) for s in (input_size or bundle_size or DEFAULT_INPUT[name])]
-
+    want = _Wanted(n_classes, arch, feature_size, vit_size, pool, patch, preprocessing, input_size, events)
     if spec == "scratch":
-        name = arch or "voco_classifier"
-        if name == "pumit_vit_cls":
-            pre.setdefault("depth_first", True)  # as PUMIT's own backbones (slices first)
-            if "intensity" not in (preprocessing or {}):
-                pre["intensity"] = {**pre["intensity"], **PUMIT_WINDOW}
-        return ClsInit("scratch", (name, arch_args(name, n_classes, feature_size, vit_size, pool=pool, patch=patch)),
-                       pre,
-                       size_for(name), None, "random initialisation")
+        return _scratch(want)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
-        from vocoslicer.models.checkpoints import official_state_dict, read_checkpoint
-
-        if arch not in (None, "voco_classifier"):
-            raise UserError(f"--init {path.name}: a checkpoint file initialises voco_classifier only; for "
-                            f"{arch} give a backbone bundle")
-        obj = read_checkpoint(path)
-        if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "state_dict" not in obj:
-            obj = obj["model"]  # a vocoslicer training checkpoint
-        state, _, _ = official_state_dict(obj, str(path))
-        fs = _fs_of(state, str(path))
-        args = arch_args("voco_classifier", n_classes, fs, pool=pool)
-        parent = {"checkpoint": str(path.resolve()), "sha256": sha256_file(path)}
-        return ClsInit("checkpoint", ("voco_classifier", args), pre, size_for("voco_classifier"), parent,
-                       f"checkpoint {path.name} (feature size {fs})", _swin_loader(state, str(path), events))
+        return _from_checkpoint(path, want)
     try:
         bundle = registry.resolve(spec)
     except UserError as exc:
         hint = (" (download the official VoCo weights first: 'vocoslicer models download voco-b-ssl')"
                 if spec.startswith("voco-") else "")
         raise UserError(f"--init {spec}: {exc}{hint}") from None
-    parent = {"id": bundle.id, "version": bundle.version,
-              "sha256": (bundle.meta.get("weights") or {}).get("sha256", "")}
-    name, args = bundle.architecture
-    bpre = {**bundle.preprocessing, **(preprocessing or {})}
-    src = str(bundle.path)
     if bundle.task == "classification":
-        if arch not in (None, name):
-            raise UserError(f"--init {spec}: {bundle.describe()} is a {name}; --arch {arch} cannot continue it")
-
-        def load_all(model: torch.nn.Module) -> None:
-            model.load_state_dict(bundle.state_dict())
-
-        from vocoslicer.infer.classify import input_size as bundle_input
-
-        return ClsInit("classification", (name, args), bpre, size_for(name, bundle_input(bundle)), parent,
-                       bundle.describe(), load_all, classes=bundle.classes,
-                       multi_label=bool(bundle.meta.get("multi_label", False)))
+        return _continued(spec, bundle, want)
     if bundle.task not in ("backbone", "segmentation"):
         raise UserError(f"--init {spec}: {bundle.describe()} is a {bundle.task} model")
-    if name == "pumit_vit" or name.startswith("pumit_vit"):
-        if arch not in (None, "pumit_vit_cls"):
-            raise UserError(f"--init {spec}: a PUMIT backbone initialises pumit_vit_cls, not {arch}")
-        from vocoslicer.models.pumit import backbone_vit_args
-
-        vit_args = backbone_vit_args(args) if name == "pumit_vit" else args.get("vit_args")
-        if "intensity" not in (preprocessing or {}):
-            bpre["intensity"] = {**bpre["intensity"], **pumit_window(bundle.meta.get("preprocessing") or {})}
-        new = arch_args("pumit_vit_cls", n_classes, vit_size=vit_size, vit_args=vit_args, patch=patch)
-        return ClsInit(bundle.task, ("pumit_vit_cls", new), bpre, size_for("pumit_vit_cls"), parent,
-                       bundle.describe(), _pumit_loader(bundle.state_dict(), src, events))
+    name = bundle.architecture[0]
+    if name.startswith("pumit_vit"):
+        return _from_pumit(spec, bundle, want)
     if name != "swinunetr":
         raise UserError(f"--init {spec}: cannot initialise a classifier from a {name} model")
-    if arch not in (None, "voco_classifier"):
-        raise UserError(f"--init {spec}: a SwinUNETR model initialises voco_classifier, not {arch}")
+    return _from_swin(spec, bundle, want)
+
+
+def _scratch(want: _Wanted) -> ClsInit:
+    name = want.arch or "voco_classifier"
+    pre = want.preprocessing_over(DEFAULT_PREPROCESSING)
+    if name == "pumit_vit_cls":
+        pre.setdefault("depth_first", True)  # as PUMIT's own backbones (slices first)
+        if not want.own_window:
+            pre["intensity"] = {**pre["intensity"], **PUMIT_WINDOW}
+    args = arch_args(name, want.n_classes, want.feature_size, want.vit_size, pool=want.pool, patch=want.patch)
+    return ClsInit("scratch", (name, args), pre, want.size_for(name), None, "random initialisation")
+
+
+def _from_checkpoint(path: Path, want: _Wanted) -> ClsInit:
+    if want.arch not in (None, "voco_classifier"):
+        raise UserError(f"--init {path.name}: a checkpoint file initialises voco_classifier only; for "
+                        f"{want.arch} give a backbone bundle")
+    state = read_swin_checkpoint(path)
+    fs, _ = swin_width(state, str(path))
+    args = arch_args("voco_classifier", want.n_classes, fs, pool=want.pool)
+    return ClsInit("checkpoint", ("voco_classifier", args), want.preprocessing_over(DEFAULT_PREPROCESSING),
+                   want.size_for("voco_classifier"), checkpoint_parent(path),
+                   f"checkpoint {path.name} (feature size {fs})",
+                   swin_loader(state, str(path), want.events, _MISFIT))
+
+
+def _continued(spec: str, bundle: ModelBundle, want: _Wanted) -> ClsInit:
+    """A classification bundle continues as a new version of itself (all weights, its classes)."""
+    from vocoslicer.infer.classify import input_size as bundle_input
+
+    name, args = bundle.architecture
+    if want.arch not in (None, name):
+        raise UserError(f"--init {spec}: {bundle.describe()} is a {name}; --arch {want.arch} cannot continue it")
+
+    def load_all(model: torch.nn.Module) -> None:
+        model.load_state_dict(bundle.state_dict())
+
+    return ClsInit("classification", (name, args), want.preprocessing_over(bundle.preprocessing),
+                   want.size_for(name, bundle_input(bundle)), bundle_parent(bundle), bundle.describe(), load_all,
+                   classes=bundle.classes, multi_label=bool(bundle.meta.get("multi_label", False)))
+
+
+def _from_pumit(spec: str, bundle: ModelBundle, want: _Wanted) -> ClsInit:
+    from vocoslicer.models.pumit import backbone_vit_args
+
+    name, args = bundle.architecture
+    if want.arch not in (None, "pumit_vit_cls"):
+        raise UserError(f"--init {spec}: a PUMIT backbone initialises pumit_vit_cls, not {want.arch}")
+    vit_args = backbone_vit_args(args) if name == "pumit_vit" else args.get("vit_args")
+    pre = want.preprocessing_over(bundle.preprocessing)
+    if not want.own_window:
+        pre["intensity"] = {**pre["intensity"], **pumit_window(bundle.meta.get("preprocessing") or {})}
+    new = arch_args("pumit_vit_cls", want.n_classes, vit_size=want.vit_size, vit_args=vit_args, patch=want.patch)
+    return ClsInit(bundle.task, ("pumit_vit_cls", new), pre, want.size_for("pumit_vit_cls"), bundle_parent(bundle),
+                   bundle.describe(), _pumit_loader(bundle.state_dict(), str(bundle.path), want.events))
+
+
+def _from_swin(spec: str, bundle: ModelBundle, want: _Wanted) -> ClsInit:
+    if want.arch not in (None, "voco_classifier"):
+        raise UserError(f"--init {spec}: a SwinUNETR model initialises voco_classifier, not {want.arch}")
     state = bundle.state_dict()
-    fs = _fs_of(state, src)
-    new = arch_args("voco_classifier", n_classes, fs, pool=pool)
-    return ClsInit(bundle.task, ("voco_classifier", new), bpre, size_for("voco_classifier"), parent,
-                   bundle.describe(), _swin_loader(state, src, events))
+    src = str(bundle.path)
+    fs, _ = swin_width(state, src)
+    new = arch_args("voco_classifier", want.n_classes, fs, pool=want.pool)
+    return ClsInit(bundle.task, ("voco_classifier", new), want.preprocessing_over(bundle.preprocessing),
+                   want.size_for("voco_classifier"), bundle_parent(bundle), bundle.describe(),
+                   swin_loader(state, src, want.events, _MISFIT))

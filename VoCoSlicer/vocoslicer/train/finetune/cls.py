@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,55 +31,18 @@ from vocoslicer.errors import UserError
 from vocoslicer.io.atomic import atomic_write_json
 from vocoslicer.jobs.events import NULL_SINK, EventSink
 from vocoslicer.models.bundle import ModelBundle, new_bundle_meta
-from vocoslicer.train.finetune_cls_init import ARCHS, ClsInit, resolve_cls_init
+from vocoslicer.train.finetune.cls_init import ClsInit, resolve_cls_init
+from vocoslicer.train.finetune.common import (
+    new_version,
+    open_cohort,
+    publish,
+    split_train_val,
+    train_config,
+    warn_if_changed,
+)
+from vocoslicer.train.finetune.options import ClsOptions
 
 STATE_FILE = "finetune_cls.json"
-
-
-@dataclass
-class ClsOptions:
-    """Everything ``vocoslicer finetune --task classification`` accepts."""
-
-    cohort: str | Path
-    init: str
-    out: str | Path
-    arch: str | None = None  # None: from --init (SwinUNETR → voco_classifier, PUMIT → pumit_vit_cls)
-    steps: int = 200
-    lr: float = 3e-4  # official CC-CCII
-    batch: int = 4  # official CC-CCII
-    warmup_steps: int | None = None  # None: 5 % of the steps (official: 5 of 100 epochs)
-    weight_decay: float = 0.01  # PyTorch's AdamW default, which the official code keeps
-    input_size: Sequence[int] | None = None
-    multi_label: bool | None = None  # None: multi-label when any case carries several classes
-    balanced: bool = True
-    augment: bool = True
-    pool: str = "decoder"
-    feature_size: int | None = None
-    vit_size: str | None = None
-    patch: int | None = None  # pumit_vit_cls patch edge (default 16, the official downstream patch)
-    preprocessing: dict[str, Any] | None = None
-    eval_every: int = 0
-    patience: int = 0
-    device: str = "auto"
-    amp: str = "off"  # the official recipe trains without AMP
-    grad_accum: int = 1
-    compile: bool = False
-    seed: int = 0
-    model_id: str | None = None
-    install: bool = True
-    resume: bool = False
-
-    def validate(self) -> None:
-        """One-line errors for impossible values."""
-        if self.steps < 1 or self.batch < 1 or not self.lr > 0:
-            raise UserError("finetune: --steps and --batch must be >= 1 and --lr > 0")
-        if self.arch is not None and self.arch not in ARCHS:
-            raise UserError(f"finetune: --arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        if self.input_size is not None and (len(self.input_size) != 3 or any(int(s) < 32 or int(s) % 32
-                                                                             for s in self.input_size)):
-            raise UserError(f"finetune: --input-size must be three multiples of 32, got {list(self.input_size)}")
-        if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
-            raise UserError(f"finetune: --warmup must be in [0, steps), got {self.warmup_steps}")
 
 
 @dataclass
@@ -224,18 +186,6 @@ def evaluate(model: torch.nn.Module, cases: Sequence[Prepared], classes: list[st
     return out
 
 
-def _split(cases: list[ClassCase], source: str, events: EventSink) -> tuple[list[ClassCase], list[ClassCase]]:
-    train = [c for c in cases if c.split != "val"]
-    val = [c for c in cases if c.split == "val"]
-    if not train:
-        raise UserError(f"{source}: every class-labelled case is in validation; put some in training with "
-                        "'vocoslicer cohort split --train CASE'")
-    if not val:
-        events.warning("the cohort has no validation case: validating on the training cases (optimistic accuracy)")
-        val = train
-    return train, val
-
-
 def _check_resume(saved: dict[str, Any], classes: list[str], multi: bool, out: Path) -> None:
     if saved and (saved.get("classes") != classes or bool(saved.get("multi_label")) != multi):
         raise UserError(f"{out}: this run was started with classes {saved.get('classes')} "
@@ -262,9 +212,7 @@ def check_inputs(opts: ClsOptions, events: EventSink = NULL_SINK
             raise UserError(f"{state_path}: unreadable ({type(exc).__name__})") from None
     elif (out / "finetune.json").is_file():
         raise UserError(f"{out}: holds a segmentation finetune; choose a new --out")
-    cohort = Cohort(opts.cohort)
-    if cohort.warning:
-        events.warning(cohort.warning)
+    cohort, _ = open_cohort(opts.cohort, events)
     cases = labelled_cases(cohort)
     classes, multi = cohort_classes(cases, [c.name for c in classes_of(cohort)], opts.multi_label,
                                     str(cohort.root), events)
@@ -272,18 +220,31 @@ def check_inputs(opts: ClsOptions, events: EventSink = NULL_SINK
     return cohort, cases, classes, multi, saved
 
 
-def run_classification_finetune(opts: ClsOptions, events: EventSink = NULL_SINK,
-                                should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """Finetune, write ``<out>/best_bundle`` (a classification bundle) and install it; returns a summary."""
-    from vocoslicer.models import registry
-    from vocoslicer.train.finetune import _new_version
-    from vocoslicer.train.loop import TrainConfig, Trainer
+SELECT = "val_score"  # val_acc (multi-label: val_auc), ties broken by val_loss (see evaluate)
 
-    cohort, cases, classes, multi, saved = check_inputs(opts, events)
-    out = Path(opts.out).expanduser().resolve()
-    state_path = out / STATE_FILE
-    cohort_version = cohort.version
-    train_c, val_c = _split(cases, str(cohort.root), events)
+
+@dataclass
+class _Setup:
+    """What the classifier's training and bundle need, decided before the first step."""
+
+    opts: ClsOptions
+    out: Path
+    cohort: Cohort
+    cohort_version: int
+    init: ClsInit
+    classes: list[str]
+    multi: bool
+    train_c: list[ClassCase]
+    val_c: list[ClassCase]  # is ``train_c`` when the cohort has no validation case
+    model_id: str
+    version: str
+    saved: dict[str, Any]
+
+
+def _resolve(opts: ClsOptions, classes: list[str], multi: bool, saved: dict[str, Any], out: Path,
+             events: EventSink) -> ClsInit:
+    """``--init`` for the cohort's classes; refused when a classifier bundle has other classes or a resumed run
+    another architecture (its checkpoints would not fit)."""
     init = resolve_cls_init(opts.init, len(classes), opts.arch, opts.feature_size, opts.vit_size, opts.pool,
                             opts.patch, opts.preprocessing, opts.input_size, events)
     if init.classes is not None and (init.classes != classes or bool(init.multi_label) != multi):
@@ -293,70 +254,100 @@ def run_classification_finetune(opts: ClsOptions, events: EventSink = NULL_SINK,
                   or saved.get("input_size", init.input_size) != init.input_size):
         raise UserError(f"{out}: this run was started with {saved.get('arch')} {saved.get('arch_args')} at input "
                         f"{saved.get('input_size')}; resume it with the same --init/--arch/--input-size options")
-    if saved and saved.get("cohort_version") != cohort_version:
-        events.warning(f"the cohort changed since this run started (version {saved.get('cohort_version')} → "
-                       f"{cohort_version}); continuing on its current cases")
+    return init
+
+
+def _bundle_meta(s: _Setup, n_train: int) -> dict[str, Any]:
+    """model.json of the classification bundle (classes, parent, cohort version, how it was trained)."""
+    opts = s.opts
+    counts = {n: sum(n in c.classes for c in s.train_c) for n in s.classes}
+    training = {"task": "classification", "cohort": str(s.cohort.root), "cohort_version": s.cohort_version,
+                "init": opts.init, "n_train": n_train, "n_val": len(s.val_c), "train_counts": counts,
+                "val_cases": sorted(c.id for c in s.val_c), "steps": opts.steps, "lr": opts.lr, "batch": opts.batch,
+                "loss": "bce" if s.multi else "ce", "balanced": opts.balanced, "select": SELECT, "seed": opts.seed}
+    name, args = s.init.arch
+    title = f"{s.model_id} (classifier finetuned on cohort {s.cohort.root.name})"
+    return new_bundle_meta(s.model_id, s.version, "classification", name, args, classes=s.classes,
+                           multi_label=s.multi, name=title,
+                           preprocessing=s.init.preprocessing, inference={"input_size": list(s.init.input_size)},
+                           parent=s.init.parent, training=training)
+
+
+def _save_state(s: _Setup) -> None:
+    """``finetune_cls.json``: what a ``--resume`` must find again (id, version, classes, architecture)."""
+    name, args = s.init.arch
+    s.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(s.out / STATE_FILE, {
+        "model_id": s.model_id, "version": s.version, "cohort_version": s.cohort_version, "classes": s.classes,
+        "multi_label": s.multi, "arch": name, "arch_args": args, "input_size": list(s.init.input_size),
+        "options": json.loads(json.dumps(asdict(s.opts), default=str))})
+
+
+def _train(s: _Setup, model: torch.nn.Module, train_p: list[Prepared], val_p: list[Prepared],
+           on_best: Callable[[torch.nn.Module, int, dict[str, float]], None], events: EventSink,
+           should_stop: Callable[[], bool] | None) -> tuple[Any, dict[str, Any]]:
+    """Run the shared loop on class-balanced whole-volume batches; returns the trainer and its result."""
+    from vocoslicer.train.loop import Trainer
+
+    opts, (name, args) = s.opts, s.init.arch
+    warmup = opts.warmup_steps if opts.warmup_steps is not None else int(round(0.05 * opts.steps))
+    cfg = train_config(opts, warmup, SELECT,
+                       find_unused_parameters=name == "voco_classifier" and args.get("pool") == "deepest")
+    data = ClassBatches(train_p, opts.batch, opts.balanced, opts.augment, len(s.classes))
+    holder: dict[str, torch.device] = {}
+
+    def eval_fn(module: torch.nn.Module, step: int) -> dict[str, float]:
+        return evaluate(module, val_p, s.classes, s.multi, holder["device"])
+
+    trainer = Trainer(model, cfg, s.out, make_step(s.multi), data, eval_fn=eval_fn, events=events, on_best=on_best,
+                      should_stop=should_stop)
+    holder["device"] = trainer.device
+    events.log(f"classifier {name} from {s.init.describe}: {len(s.classes)} classes "
+               f"({'multi' if s.multi else 'single'}-label), {len(train_p)} training / {len(s.val_c)} validation "
+               "cases")
+    return trainer, trainer.fit(resume=opts.resume and bool(s.saved))
+
+
+def _finish(s: _Setup, model: torch.nn.Module, result: dict[str, Any],
+            on_best: Callable[[torch.nn.Module, int, dict[str, float]], None], events: EventSink) -> dict[str, Any]:
+    """Rank 0 after training: the best bundle (the final weights if no evaluation ran), installation, summary."""
+    best_dir = s.out / "best_bundle"
+    if not (best_dir / "model.json").is_file():  # no evaluation ran: keep the final weights
+        on_best(model, result["step"], {SELECT: float("nan")})
+    best = ModelBundle.load(best_dir)
+    summary: dict[str, Any] = {"bundle": str(best_dir), "id": s.model_id, "version": s.version,
+                               "classes": s.classes, "multi_label": s.multi, f"best_{SELECT}": result["best"],
+                               "best_step": result["best_step"], "stopped": result["stopped"],
+                               "steps": result["step"], "cohort_version": s.cohort_version,
+                               "metrics": best.meta.get("metrics", {})}
+    return publish(best_dir, summary, s.opts.install, bool(s.saved), events, task="classification")
+
+
+def run_classification_finetune(opts: ClsOptions, events: EventSink = NULL_SINK,
+                                should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Finetune, write ``<out>/best_bundle`` (a classification bundle) and install it; returns a summary."""
+    cohort, cases, classes, multi, saved = check_inputs(opts, events)
+    out = Path(opts.out).expanduser().resolve()
+    cohort_version = cohort.version
+    train_c, val_c = split_train_val(cases, str(cohort.root), events, kind="class-labelled", metric="accuracy")
+    init = _resolve(opts, classes, multi, saved, out, events)
+    warn_if_changed(saved, cohort_version, events)
     torch.manual_seed(opts.seed)
     model = init.build()
     train_p = _prepare(train_c, classes, multi, init, events)
     val_p = train_p if val_c is train_c else _prepare(val_c, classes, multi, init, events)
     model_id = saved.get("model_id") or opts.model_id or init.default_id(cohort.root.name)
-    version = saved.get("version") or _new_version(model_id, init.parent)
-    eval_every = opts.eval_every or max(1, opts.steps // 10)
-    select = "val_score"  # val_acc (multi-label: val_auc), ties broken by val_loss (see evaluate)
-    counts = {n: sum(n in c.classes for c in train_c) for n in classes}
-    training = {"task": "classification", "cohort": str(cohort.root), "cohort_version": cohort_version,
-                "init": opts.init, "n_train": len(train_p), "n_val": len(val_c), "train_counts": counts,
-                "val_cases": sorted(c.id for c in val_c), "steps": opts.steps, "lr": opts.lr, "batch": opts.batch,
-                "loss": "bce" if multi else "ce", "balanced": opts.balanced, "select": select, "seed": opts.seed}
-    name, args = init.arch
-    meta = new_bundle_meta(model_id, version, "classification", name, args, classes=classes, multi_label=multi,
-                           name=f"{model_id} (classifier finetuned on cohort {cohort.root.name})",
-                           preprocessing=init.preprocessing, inference={"input_size": list(init.input_size)},
-                           parent=init.parent, training=training)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(state_path, {"model_id": model_id, "version": version, "cohort_version": cohort_version,
-                                   "classes": classes, "multi_label": multi, "arch": name, "arch_args": args,
-                                   "input_size": list(init.input_size),
-                                   "options": json.loads(json.dumps(asdict(opts), default=str))})
+    s = _Setup(opts, out, cohort, cohort_version, init, classes, multi, train_c, val_c, model_id,
+               saved.get("version") or new_version(model_id, init.parent), saved)
+    meta = _bundle_meta(s, len(train_p))
+    _save_state(s)
     best_dir = out / "best_bundle"
 
     def on_best(module: torch.nn.Module, step: int, metrics: dict[str, float]) -> None:
         m = dict(meta, metrics={"step": step, **{k: round(float(v), 4) for k, v in metrics.items()}})
         ModelBundle(meta=m).save(best_dir, module.state_dict(), overwrite=True)
 
-    warmup = opts.warmup_steps if opts.warmup_steps is not None else int(round(0.05 * opts.steps))
-    cfg = TrainConfig(steps=opts.steps, lr=opts.lr, weight_decay=opts.weight_decay, warmup_steps=warmup,
-                      amp=opts.amp, grad_accum=opts.grad_accum, compile=opts.compile, ckpt_every=eval_every,
-                      eval_every=eval_every, log_every=max(1, min(10, eval_every)), seed=opts.seed,
-                      device=opts.device, early_stop_patience=opts.patience, select_metric=select,
-                      find_unused_parameters=name == "voco_classifier" and args.get("pool") == "deepest")
-    data = ClassBatches(train_p, opts.batch, opts.balanced, opts.augment, len(classes))
-    holder: dict[str, torch.device] = {}
-
-    def eval_fn(module: torch.nn.Module, step: int) -> dict[str, float]:
-        return evaluate(module, val_p, classes, multi, holder["device"])
-
-    trainer = Trainer(model, cfg, out, make_step(multi), data, eval_fn=eval_fn, events=events, on_best=on_best,
-                      should_stop=should_stop)
-    holder["device"] = trainer.device
-    events.log(f"classifier {name} from {init.describe}: {len(classes)} classes "
-               f"({'multi' if multi else 'single'}-label), {len(train_p)} training / {len(val_c)} validation cases")
-    result = trainer.fit(resume=opts.resume and bool(saved))
-    if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun only rank 0 writes and installs the bundle
-        return {"id": model_id, "version": version, "steps": result["step"], "rank": int(os.environ["RANK"])}
-    if not (best_dir / "model.json").is_file():  # no evaluation ran: keep the final weights
-        on_best(trainer.model, result["step"], {select: float("nan")})
-    best = ModelBundle.load(best_dir)
-    summary: dict[str, Any] = {"bundle": str(best_dir), "id": model_id, "version": version, "classes": classes,
-                               "multi_label": multi, f"best_{select}": result["best"], "best_step": result["best_step"],
-                               "stopped": result["stopped"], "steps": result["step"],
-                               "cohort_version": cohort_version, "metrics": best.meta.get("metrics", {})}
-    if opts.install:
-        installed = registry.install(best_dir, overwrite=bool(saved))
-        summary["installed"] = str(installed.path)
-        events.artifact(installed.path, "model", id=model_id, version=version, task="classification")
-    else:
-        events.artifact(best_dir, "model", id=model_id, version=version, task="classification")
-    atomic_write_json(out / "summary.json", summary)
-    return summary
+    trainer, result = _train(s, model, train_p, val_p, on_best, events, should_stop)
+    if not trainer.ctx.is_main:  # under torchrun only rank 0 writes and installs the bundle
+        return {"id": model_id, "version": s.version, "steps": result["step"], "rank": trainer.ctx.rank}
+    return _finish(s, trainer.model, result, on_best, events)

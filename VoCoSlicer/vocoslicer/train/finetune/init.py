@@ -84,18 +84,55 @@ def _scratch_arch(labels: LabelTable, feature_size: int | None, in_channels: int
                          "out_channels": len(labels) + 1, "patch_merging": "legacy"}
 
 
-def _backbone_loader(state: dict[str, torch.Tensor], source: str, events: EventSink
-                     ) -> Callable[[torch.nn.Module], None]:
+def swin_loader(state: dict[str, torch.Tensor], source: str, events: EventSink,
+                misfit: str = "the checkpoint does not fit this backbone") -> Callable[[torch.nn.Module], None]:
+    """A loader of VoCo/SwinUNETR weights by name and shape (:func:`load_official_weights`), shared by both
+    finetunes: a decoder or head may stay random (the report says what), a missing encoder tensor is an error
+    (``<source>: <misfit> (...)``), since then the pretraining would silently not be used."""
     def load(model: torch.nn.Module) -> None:
         from vocoslicer.models.checkpoints import load_official_weights
 
         report = load_official_weights(model, state, source)
         if report.missing_backbone:
-            raise UserError(f"{source}: the checkpoint does not fit this backbone ({len(report.missing_backbone)} "
-                            f"encoder tensors missing or of another shape, e.g. {report.missing_backbone[:2]})")
+            raise UserError(f"{source}: {misfit} ({len(report.missing_backbone)} encoder tensors missing or of "
+                            f"another shape, e.g. {report.missing_backbone[:2]})")
         events.log(report.summary())
 
     return load
+
+
+SWIN_PATCH_KEY = "swinViT.patch_embed.proj.weight"
+
+
+def swin_width(state: dict[str, torch.Tensor], source: str) -> tuple[int, int]:
+    """Feature size and input channels of a VoCo/SwinUNETR state dict (a one-line error for anything else)."""
+    if SWIN_PATCH_KEY not in state:
+        raise UserError(f"{source}: not a VoCo / SwinUNETR checkpoint (no {SWIN_PATCH_KEY})")
+    weight = state[SWIN_PATCH_KEY]
+    return int(weight.shape[0]), int(weight.shape[1])
+
+
+def read_swin_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The official-layout state dict of a checkpoint file: an official VoCo one or the model of a vocoslicer
+    training checkpoint (``run_dir/checkpoints/last.pt``); both finetunes start from either."""
+    from vocoslicer.models.checkpoints import official_state_dict, read_checkpoint
+
+    obj = read_checkpoint(path)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "state_dict" not in obj:
+        obj = obj["model"]  # a vocoslicer training checkpoint (run_dir/checkpoints/last.pt)
+    state, _, _ = official_state_dict(obj, str(path))
+    return state
+
+
+def checkpoint_parent(path: Path) -> dict[str, Any]:
+    """The ``parent`` record of a bundle finetuned from a checkpoint file."""
+    return {"checkpoint": str(path.resolve()), "sha256": sha256_file(path)}
+
+
+def bundle_parent(bundle: ModelBundle) -> dict[str, Any]:
+    """The ``parent`` record of a bundle finetuned from another bundle."""
+    return {"id": bundle.id, "version": bundle.version,
+            "sha256": (bundle.meta.get("weights") or {}).get("sha256", "")}
 
 
 def _check_labels(cohort_labels: LabelTable, bundle: ModelBundle, events: EventSink) -> None:
@@ -130,29 +167,19 @@ def resolve_init(spec: str, cohort_labels: LabelTable, feature_size: int | None 
                          "random initialisation")
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
-        from vocoslicer.models.checkpoints import official_state_dict, read_checkpoint
-
-        obj = read_checkpoint(path)
-        if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "state_dict" not in obj:
-            obj = obj["model"]  # a vocoslicer training checkpoint (run_dir/checkpoints/last.pt)
-        state, _, _ = official_state_dict(obj, str(path))
-        key = "swinViT.patch_embed.proj.weight"
-        if key not in state:
-            raise UserError(f"{path}: not a VoCo / SwinUNETR checkpoint (no {key})")
-        fs, in_ch = int(state[key].shape[0]), int(state[key].shape[1])
-        arch = _scratch_arch(cohort_labels, fs, in_ch)
-        parent = {"checkpoint": str(path.resolve()), "sha256": sha256_file(path)}
-        return InitModel("checkpoint", arch, cohort_labels, cv, pre, inf, parent,
-                         f"checkpoint {path.name} (feature size {fs})", _backbone_loader(state, str(path), events))
+        state = read_swin_checkpoint(path)
+        fs, in_ch = swin_width(state, str(path))
+        return InitModel("checkpoint", _scratch_arch(cohort_labels, fs, in_ch), cohort_labels, cv, pre, inf,
+                         checkpoint_parent(path), f"checkpoint {path.name} (feature size {fs})",
+                         swin_loader(state, str(path), events))
     bundle = registry.resolve(spec)
-    parent = {"id": bundle.id, "version": bundle.version,
-              "sha256": (bundle.meta.get("weights") or {}).get("sha256", "")}
+    parent = bundle_parent(bundle)
     name, args = bundle.architecture
     if bundle.task == "backbone":
         args = {**args, "out_channels": len(cv)}
         return InitModel("backbone", (name, args), cohort_labels, cv, {**bundle.preprocessing, **(preprocessing or {})},
                          {**bundle.inference, **({"roi_size": list(roi)} if roi else {})}, parent,
-                         bundle.describe(), _backbone_loader(bundle.state_dict(), str(bundle.path), events))
+                         bundle.describe(), swin_loader(bundle.state_dict(), str(bundle.path), events))
     if bundle.task != "segmentation":
         raise UserError(f"--init {spec}: {bundle.describe()} is a {bundle.task} model; finetuning needs a "
                         "segmentation model, a backbone, a VoCo checkpoint or 'scratch'")
