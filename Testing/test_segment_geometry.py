@@ -85,7 +85,8 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _tiny_arch(monkeypatch):
+def _tiny_arch():
     from vocoslicer.models import factory
 
-    monkeypatch.setitem(factory._REGISTRY, "tiny", lambda out_channels=2: Threshold())
+    with factory.temporary_architecture("tiny", lambda out_channels=2: Threshold()):
+        yield

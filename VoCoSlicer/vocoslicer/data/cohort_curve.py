@@ -93,7 +93,7 @@ def record_fixed_validation(bundle_dir: str | Path, cohort: Cohort, train_ids: S
 
 def _bundle_record(entry: dict[str, Any]) -> dict[str, Any]:
     """The version's own model.json numbers (installed copy first, then the run's bundle), else the index copy."""
-    from vocoslicer.models import registry
+    from vocoslicer.models import installed as registry
 
     candidates: list[Path] = []
     try:

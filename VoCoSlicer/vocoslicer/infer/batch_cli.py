@@ -110,7 +110,7 @@ def run_single_dicom_seg(args: argparse.Namespace) -> int:
     from vocoslicer.infer.segment import pick_device
     from vocoslicer.io.dicom_seg import dicom_series_files
     from vocoslicer.jobs import current_job
-    from vocoslicer.models.registry import resolve
+    from vocoslicer.models.installed import resolve
 
     if args.truth:
         raise UserError("--truth is not available with a DICOM SEG output (compare a NIfTI/NRRD output instead)")

@@ -133,7 +133,7 @@ def run_classify(input_path: str, output: str | None, model_spec: str | None, de
     """The ``classify`` command: read, classify, write JSON/CSV atomically (nothing written on error)."""
     from vocoslicer.io import read_image
     from vocoslicer.io.atomic import atomic_write_text
-    from vocoslicer.models.registry import resolve
+    from vocoslicer.models.installed import resolve
 
     fmt = output_format(output) if output else None
     t0 = time.perf_counter()

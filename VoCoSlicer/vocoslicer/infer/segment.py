@@ -102,7 +102,7 @@ def run_segment(input_path: str, output: str, model_spec: str | None = None, dev
     from vocoslicer.infer.runtime import apply_threads, check_runtime
     from vocoslicer.io import read_image, write_image
     from vocoslicer.jobs import current_job
-    from vocoslicer.models.registry import resolve
+    from vocoslicer.models.installed import resolve
 
     job = current_job()
     events = events if events is not None else job.events

@@ -151,7 +151,7 @@ def _new_version(model_id: str, parent: dict[str, Any] | None) -> str:
     """The next free version of ``model_id``, always above the parent's (which may not be installed)."""
     import re
 
-    from vocoslicer.models import registry
+    from vocoslicer.models import installed as registry
 
     candidate = registry.next_version(model_id)
     if parent and parent.get("id") == model_id:
@@ -195,7 +195,7 @@ def _split_cases(cohort: Cohort, events: EventSink) -> tuple[list[Any], list[Any
 def run_finetune(opts: FinetuneOptions, events: EventSink = NULL_SINK,
                  should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Finetune, write the best bundle into ``<out>/best_bundle`` and install it; returns a summary."""
-    from vocoslicer.models import registry
+    from vocoslicer.models import installed as registry
     from vocoslicer.train.loop import TrainConfig, Trainer
 
     opts.validate()

@@ -275,7 +275,7 @@ def check_inputs(opts: ClsOptions, events: EventSink = NULL_SINK
 def run_classification_finetune(opts: ClsOptions, events: EventSink = NULL_SINK,
                                 should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Finetune, write ``<out>/best_bundle`` (a classification bundle) and install it; returns a summary."""
-    from vocoslicer.models import registry
+    from vocoslicer.models import installed as registry
     from vocoslicer.train.finetune import _new_version
     from vocoslicer.train.loop import TrainConfig, Trainer
 

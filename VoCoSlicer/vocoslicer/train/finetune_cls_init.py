@@ -129,7 +129,7 @@ def resolve_cls_init(spec: str, n_classes: int, arch: str | None = None, feature
                      preprocessing: dict[str, Any] | None = None,
                      input_size: Sequence[int] | None = None, events: EventSink = NULL_SINK) -> ClsInit:
     """Resolve ``--init`` for ``n_classes`` outputs (see the module docstring)."""
-    from vocoslicer.models import registry
+    from vocoslicer.models import installed as registry
 
     pre = {**DEFAULT_PREPROCESSING, **(preprocessing or {})}
 

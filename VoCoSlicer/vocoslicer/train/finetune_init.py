@@ -118,7 +118,7 @@ def resolve_init(spec: str, cohort_labels: LabelTable, feature_size: int | None 
                  preprocessing: dict[str, Any] | None = None, roi: Sequence[int] | None = None,
                  events: EventSink = NULL_SINK) -> InitModel:
     """``--init``: ``scratch``, a VoCo/SwinUNETR checkpoint file, or a bundle (path, installed id, id@version)."""
-    from vocoslicer.models import registry
+    from vocoslicer.models import installed as registry
 
     if not len(cohort_labels):
         raise UserError("the cohort has no label table (add a labelled case with --labels first)")
