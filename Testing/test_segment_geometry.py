@@ -9,8 +9,9 @@ import torch
 from helpers_io import run_cli
 from helpers_models import Threshold
 
+from vocoslicer.device import pick_device
 from vocoslicer.errors import UserError
-from vocoslicer.infer.segment import labels_csv_path, pick_device, segment_image
+from vocoslicer.infer.segment import labels_csv_path, segment_image
 from vocoslicer.labels import Label, LabelTable
 from vocoslicer.models.bundle import ModelBundle, new_bundle_meta
 
@@ -52,6 +53,21 @@ def test_small_volume_is_padded_not_rejected():
     img = sitk.GetImageFromArray(np.full((4, 5, 6), 100, np.int16))
     label = segment_image(img, _bundle(spacing=(1, 1, 1)), model=Threshold(), device="cpu")
     assert (sitk.GetArrayFromImage(label) == 7).all()
+
+
+def test_one_device_picker_for_inference_and_training_ranks():
+    """``auto`` means the same for segment and for a torchrun rank; ``local_rank`` only picks which GPU."""
+    gpu = torch.cuda.is_available()
+    assert pick_device("auto") == torch.device("cuda" if gpu else "cpu")
+    assert pick_device(None) == pick_device("") == pick_device(" Auto ") == pick_device("auto")
+    assert pick_device("CPU", local_rank=3) == torch.device("cpu")
+    assert pick_device("auto", local_rank=0) == (torch.device("cuda", 0) if gpu else torch.device("cpu"))
+    if gpu:
+        assert pick_device("cuda", local_rank=0) == torch.device("cuda", 0)
+        assert pick_device("cuda:0", local_rank=5) == torch.device("cuda", 0)  # an explicit index is kept
+    else:
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            pick_device("cuda", local_rank=1)
 
 
 def test_device_and_task_errors():

@@ -16,24 +16,13 @@ import SimpleITK as sitk
 import torch
 
 from vocoslicer.contracts.labels import labels_csv_path
+from vocoslicer.device import pick_device
 from vocoslicer.errors import Cancelled, UserError
 from vocoslicer.infer.preprocess import prepare
 from vocoslicer.jobs.events import NULL_SINK, EventSink
 from vocoslicer.models.bundle import ModelBundle
 
 FAST_SPACING = (3.0, 3.0, 3.0)
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    """``auto`` → CUDA when available; asking for CUDA on a machine without it is a user error."""
-    if requested in ("auto", "", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested but no CUDA GPU is available (use --device cpu or auto)")
-    try:
-        return torch.device(requested)
-    except RuntimeError:
-        raise UserError(f"unknown device {requested!r} (use auto, cpu, cuda or cuda:N)") from None
 
 
 def segment_image(img: sitk.Image, bundle: ModelBundle, model: torch.nn.Module | None = None,

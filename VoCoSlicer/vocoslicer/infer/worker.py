@@ -220,7 +220,7 @@ class Worker:
                             f"({type(exc).__name__}: {_first(exc)[:200]})") from None
 
     def _device(self, req: dict[str, Any]) -> Any:
-        from vocoslicer.infer.segment import pick_device
+        from vocoslicer.device import pick_device
 
         return pick_device(str(req.get("device") or self.device))
 
