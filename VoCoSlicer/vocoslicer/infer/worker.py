@@ -62,7 +62,7 @@ def check_request(req: dict[str, Any]) -> None:
 
 
 def load_bundle(spec: str | None) -> Any:
-    """``registry.resolve`` with every failure of a broken bundle (bad JSON, missing keys) a user error."""
+    """``installed.resolve`` with every failure of a broken bundle (bad JSON, missing keys) a user error."""
     from vocoslicer.models.installed import resolve
 
     try:
