@@ -21,7 +21,7 @@ def register_tiny() -> None:
     """Make architecture ``tiny`` build the Threshold model (call in every process that builds the model)."""
     from vocoslicer.models import factory
 
-    factory._REGISTRY["tiny"] = lambda out_channels=2: Threshold()
+    factory.register_architecture("tiny", replace=True)(lambda out_channels=2: Threshold())
 
 
 def save_tiny_bundle(folder: Path) -> Path:

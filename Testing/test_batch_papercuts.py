@@ -16,12 +16,12 @@ from vocoslicer.io import write_image
 
 
 def test_worker_segment_request_without_model_uses_the_default(tmp_path, monkeypatch):
-    from vocoslicer.models import registry
+    from vocoslicer.models import installed
 
     monkeypatch.setenv("VOCOSLICER_HOME", str(tmp_path / "home"))
     register_tiny()
     default = save_tiny_bundle(tmp_path / "default")
-    monkeypatch.setattr(registry, "demo_bundle_path", lambda: default)  # the default of `segment` without --model
+    monkeypatch.setattr(installed, "demo_bundle_path", lambda: default)  # the default of `segment` without --model
     img = write_image(box_volume(0), tmp_path / "ct.nii.gz")
     req = {"id": 1, "op": "segment", "input": str(img), "output": str(tmp_path / "seg.nii.gz"), "device": "cpu"}
     out = io.StringIO()

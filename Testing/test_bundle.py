@@ -1,4 +1,4 @@
-"""Model bundles: save/load round trip, integrity checks, label/head consistency, registry resolution."""
+"""Model bundles: save/load round trip, integrity checks, label/head consistency, installed-model resolution."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from vocoslicer.errors import UserError
 from vocoslicer.labels import Label, LabelTable
-from vocoslicer.models import registry
+from vocoslicer.models import installed
 from vocoslicer.models.bundle import ModelBundle, new_bundle_meta
 
 LABELS = LabelTable((Label(1, "liver", (220, 100, 80)), Label(2, "spleen", (150, 60, 160))))
@@ -27,10 +27,11 @@ class Tiny(torch.nn.Module):
 
 
 @pytest.fixture(autouse=True)
-def _tiny_arch(monkeypatch):
+def _tiny_arch():
     from vocoslicer.models import factory
 
-    monkeypatch.setitem(factory._REGISTRY, "tiny", lambda out_channels=3: Tiny(out_channels))
+    with factory.temporary_architecture("tiny", lambda out_channels=3: Tiny(out_channels)):
+        yield
 
 
 def _bundle(out_channels: int = 3, labels: LabelTable = LABELS) -> ModelBundle:
@@ -97,27 +98,27 @@ def test_overwrite_is_atomic_and_zip_loads(tmp_path):
     assert ModelBundle.load(zpath).id == "test-model"
 
 
-def test_registry_install_resolve_versions(tmp_path, monkeypatch):
+def test_installed_install_resolve_versions(tmp_path, monkeypatch):
     monkeypatch.setenv("VOCOSLICER_HOME", str(tmp_path / "home"))
     b = _bundle()
-    registry.install(b.save(tmp_path / "v1", Tiny().state_dict()))
-    assert registry.next_version("test-model") == "1.0.1"
+    installed.install(b.save(tmp_path / "v1", Tiny().state_dict()))
+    assert installed.next_version("test-model") == "1.0.1"
     b2 = _bundle()
     b2.meta["version"] = "1.0.1"
-    registry.install(b2.save(tmp_path / "v2", Tiny().state_dict()))
-    assert registry.resolve("test-model").version == "1.0.1"
-    assert registry.resolve("test-model@1.0.0").version == "1.0.0"
-    assert registry.resolve(str(tmp_path / "v1")).version == "1.0.0"
+    installed.install(b2.save(tmp_path / "v2", Tiny().state_dict()))
+    assert installed.resolve("test-model").version == "1.0.1"
+    assert installed.resolve("test-model@1.0.0").version == "1.0.0"
+    assert installed.resolve(str(tmp_path / "v1")).version == "1.0.0"
     with pytest.raises(UserError, match="already installed"):
-        registry.install(tmp_path / "v1")
+        installed.install(tmp_path / "v1")
     with pytest.raises(UserError, match="neither a bundle path nor an installed model"):
-        registry.resolve("other-model")
-    registry.remove("test-model@1.0.1")
-    assert registry.resolve("test-model").version == "1.0.0"
+        installed.resolve("other-model")
+    installed.remove("test-model@1.0.1")
+    assert installed.resolve("test-model").version == "1.0.0"
 
 
 def test_install_stays_in_the_models_home(tmp_path, monkeypatch):
-    """The finetuner installs through registry.install: a traversal id or version never leaves the home."""
+    """The finetuner installs through installed.install: a traversal id or version never leaves the home."""
     monkeypatch.setenv("VOCOSLICER_HOME", str(tmp_path / "home"))
     src = _bundle().save(tmp_path / "b", Tiny().state_dict())
     (tmp_path / "x").mkdir()
@@ -125,14 +126,14 @@ def test_install_stays_in_the_models_home(tmp_path, monkeypatch):
     (tmp_path / "x" / "1.0.0" / "keep.txt").write_text("user data")
     for meta in ({"id": "../../x"}, {"id": ".."}, {"version": "../../../x/1.0.0"}, {"id": "a/b"}):
         with pytest.raises(UserError, match="model id|model version"):
-            registry.install(src, overwrite=True, meta=meta)
+            installed.install(src, overwrite=True, meta=meta)
     data = json.loads((src / "model.json").read_text())
     data["id"] = "../../x"
     (src / "model.json").write_text(json.dumps(data))
     with pytest.raises(UserError, match="model id '../../x'"):
-        registry.install(src, overwrite=True)
+        installed.install(src, overwrite=True)
     with pytest.raises(UserError, match="model id"):
-        registry.next_version("../../x")  # what finetune asks first, before any training
+        installed.next_version("../../x")  # what finetune asks first, before any training
     with pytest.raises(UserError, match="model id"):
         ModelBundle(meta={**_bundle().meta, "id": "../x"}, labels=LABELS).save(tmp_path / "c", Tiny().state_dict())
     assert (tmp_path / "x" / "1.0.0" / "keep.txt").read_text() == "user data"
@@ -153,7 +154,7 @@ def test_install_verifies_and_leaves_no_staging(tmp_path, monkeypatch):
     data["weights"]["sha256"] = sha256_file(src / "weights.safetensors")
     (src / "model.json").write_text(json.dumps(data))
     with pytest.raises(UserError, match="size mismatch for conv.weight"):
-        registry.install(src)
+        installed.install(src)
     models = tmp_path / "home" / "models"
     assert sorted(p.name for p in models.iterdir()) == [".staging"] and not any((models / ".staging").iterdir())
 
@@ -170,9 +171,9 @@ def test_saved_bundles_honour_the_umask(tmp_path, monkeypatch):
     old = os.umask(0o022)
     try:
         path = _bundle().save(tmp_path / "b", Tiny().state_dict())
-        installed = registry.install(path)
+        bundle = installed.install(path)
     finally:
         os.umask(old)
-    for folder in (path, installed.path):
+    for folder in (path, bundle.path):
         assert folder.stat().st_mode & 0o777 == 0o755
         assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}

@@ -21,7 +21,8 @@ import torch
 from vocoslicer.cli import main
 from vocoslicer.errors import UserError
 from vocoslicer.jobs.events import EventSink
-from vocoslicer.models.catalog import find_entry, infer_swin_args, load_catalog
+from vocoslicer.models.catalog import find_entry, load_catalog
+from vocoslicer.models.convert import infer_swin_args
 from vocoslicer.models.download import download, install_from_catalog
 from vocoslicer.models.swin import build_swinunetr
 
@@ -175,7 +176,7 @@ def test_sha_mismatch_installs_nothing(home: Path, server: tuple[str, Files]) ->
 
 
 def test_download_converts_to_bundles(home: Path, server: tuple[str, Files], tmp_path: Path) -> None:
-    from vocoslicer.models.registry import resolve
+    from vocoslicer.models.installed import resolve
 
     _, files = server
     files.truncate_once.add("/tiny_omni.pt")

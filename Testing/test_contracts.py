@@ -148,13 +148,13 @@ def test_engine_and_slicer_side_share_one_definition():
     from vocoslicer.contracts import rundir as crundir
     from vocoslicer.infer import segment
     from vocoslicer.jobs import rundir
-    from vocoslicer.models import registry
+    from vocoslicer.models import installed
     from VoCoSlicerLib import job_runs, labels_csv, models_view, params
 
     assert job_runs.read_run is rundir.read_run is crundir.read_run
     assert job_runs.list_runs is rundir.list_runs and job_runs.tail_lines is rundir.tail_lines
     assert labels_csv.LabelInfo is labels.Label is clabels.Label
     assert labels_csv.labels_csv_path is segment.labels_csv_path is clabels.labels_csv_path
-    assert params.DEMO_MODEL_ID is registry.DEMO_MODEL_ID is cmodels.DEMO_MODEL_ID
+    assert params.DEMO_MODEL_ID is installed.DEMO_MODEL_ID is cmodels.DEMO_MODEL_ID
     assert models_view.models_dir is paths.models_dir
     assert errors.UserError.__module__ == "vocoslicer.contracts.errors"

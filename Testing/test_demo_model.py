@@ -11,7 +11,7 @@ from vocoslicer.data.phantom import PHANTOM_LABELS, generate_phantom
 from vocoslicer.infer.segment import segment_image
 from vocoslicer.io import read_image, same_grid
 from vocoslicer.metrics import dice_per_label
-from vocoslicer.models.registry import DEMO_MODEL_ID, demo_bundle_path, resolve
+from vocoslicer.models.installed import DEMO_MODEL_ID, demo_bundle_path, resolve
 
 HELD_OUT = (1000, 1001, 1002)  # never used in training or model selection (see the bundle's README.md)
 MIN_MEAN_DICE = 0.85  # issue 2; the bundled v1.1.0 measures 0.956 at full resolution (its README.md)

@@ -180,7 +180,7 @@ def test_keep_largest_component() -> None:
 
 
 def test_fast_predict_wrappers_emit_progress(tmp_path: Path) -> None:
-    from vocoslicer.infer.sliding import predict_labels_fast, predict_scores_fast
+    from helpers_infer import predict_labels_fast, predict_scores_fast
 
     sink = EventSink(path=tmp_path / "ev.jsonl")
     x = volume((20, 20, 40))
@@ -198,8 +198,8 @@ def test_fast_predict_wrappers_emit_progress(tmp_path: Path) -> None:
 def test_labels_back_to_an_oblique_anisotropic_grid() -> None:
     import SimpleITK as sitk
 
-    from vocoslicer.infer.postprocess import labels_to_reference
     from vocoslicer.infer.preprocess import prepare
+    from vocoslicer.infer.resample import labels_to_reference
 
     truth = np.zeros((30, 50, 40), np.uint8)  # (z, y, x)
     truth[8:22, 10:30, 5:25] = 1
@@ -220,9 +220,10 @@ def test_labels_back_to_an_oblique_anisotropic_grid() -> None:
 
 def test_torch_score_resampling_matches_simpleitk() -> None:
     import SimpleITK as sitk
+    from helpers_infer import scores_to_reference
 
-    from vocoslicer.infer.postprocess import scores_to_reference_torch
-    from vocoslicer.infer.preprocess import prepare, scores_to_reference
+    from vocoslicer.infer.preprocess import prepare
+    from vocoslicer.infer.resample import scores_to_reference_torch
 
     ref = sitk.Image(37, 23, 19, sitk.sitkFloat32)
     ref.SetSpacing((0.9, 1.3, 2.5))
@@ -243,7 +244,7 @@ def test_torch_score_resampling_matches_simpleitk() -> None:
 def test_separable_and_general_resampling_agree() -> None:
     import SimpleITK as sitk
 
-    from vocoslicer.infer import postprocess
+    from vocoslicer.infer import resample
     from vocoslicer.infer.preprocess import prepare
 
     ref = sitk.Image(33, 21, 17, sitk.sitkFloat32)
@@ -253,10 +254,10 @@ def test_separable_and_general_resampling_agree() -> None:
     pre = prepare(ref, {"orientation": "RAS", "spacing": [1.5, 1.5, 1.5],
                         "intensity": {"a_min": 0, "a_max": 1, "clip": True}})
     scores = torch.randn(4, *pre.tensor.shape[-3:], generator=torch.Generator().manual_seed(5))
-    a, b = postprocess._index_map(pre.grid, ref)
-    assert postprocess._axis_map(a) is not None
-    separable = postprocess.scores_to_reference_torch(scores, pre.grid, ref, [0, 1, 2, 3], slab=5)
-    general = torch.cat([postprocess._grid_sample_block(scores, a, b, (33, 21), k, min(17, k + 5))
+    a, b = resample._index_map(pre.grid, ref)
+    assert resample._axis_map(a) is not None
+    separable = resample.scores_to_reference_torch(scores, pre.grid, ref, [0, 1, 2, 3], slab=5)
+    general = torch.cat([resample._grid_sample_block(scores, a, b, (33, 21), k, min(17, k + 5))
                          for k in range(0, 17, 5)], dim=1).argmax(0).numpy()
     assert (sitk.GetArrayFromImage(separable) == general).mean() > 0.999
 

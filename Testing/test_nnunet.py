@@ -46,7 +46,7 @@ def test_checkpoint_layouts_import_with_no_missing_key(layout, official, tmp_pat
     assert main(["models", "import", str(ckpt), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["id"] == "vocomni-nnunet" and result["task"] == "segmentation"
-    from vocoslicer.models.registry import resolve
+    from vocoslicer.models.installed import resolve
 
     bundle = resolve("vocomni-nnunet")
     report = bundle.meta["source"]["load_report"]
@@ -117,7 +117,7 @@ def test_class_count_comes_from_the_tensors_not_the_catalog(tmp_path, monkeypatc
     ckpt = tmp_path / "VoComni_nnunet.pt"  # the catalog's file name, but a 14-class (BTCV) network
     torch.save({"state_dict": official_network(num_classes=14).state_dict()}, ckpt)
     assert main(["models", "import", str(ckpt), "--json"]) == 0
-    from vocoslicer.models.registry import resolve
+    from vocoslicer.models.installed import resolve
 
     bundle = resolve(json.loads(capsys.readouterr().out)["id"])
     assert bundle.architecture[1]["out_channels"] == 14 and bundle.labels.by_value(1).name == "spleen"

@@ -17,7 +17,7 @@ from vocoslicer.infer import runtime as rt
 from vocoslicer.infer.segment import segment_image
 from vocoslicer.jobs.events import EventSink
 from vocoslicer.metrics import dice_per_label
-from vocoslicer.models.registry import resolve
+from vocoslicer.models.installed import resolve
 
 pytest.importorskip("openvino", reason="openvino not installed: the runtime path falls back to eager (tested)")
 

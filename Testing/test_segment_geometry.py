@@ -9,8 +9,9 @@ import torch
 from helpers_io import run_cli
 from helpers_models import Threshold
 
+from vocoslicer.device import pick_device
 from vocoslicer.errors import UserError
-from vocoslicer.infer.segment import labels_csv_path, pick_device, segment_image
+from vocoslicer.infer.segment import labels_csv_path, segment_image
 from vocoslicer.labels import Label, LabelTable
 from vocoslicer.models.bundle import ModelBundle, new_bundle_meta
 
@@ -54,6 +55,21 @@ def test_small_volume_is_padded_not_rejected():
     assert (sitk.GetArrayFromImage(label) == 7).all()
 
 
+def test_one_device_picker_for_inference_and_training_ranks():
+    """``auto`` means the same for segment and for a torchrun rank; ``local_rank`` only picks which GPU."""
+    gpu = torch.cuda.is_available()
+    assert pick_device("auto") == torch.device("cuda" if gpu else "cpu")
+    assert pick_device(None) == pick_device("") == pick_device(" Auto ") == pick_device("auto")
+    assert pick_device("CPU", local_rank=3) == torch.device("cpu")
+    assert pick_device("auto", local_rank=0) == (torch.device("cuda", 0) if gpu else torch.device("cpu"))
+    if gpu:
+        assert pick_device("cuda", local_rank=0) == torch.device("cuda", 0)
+        assert pick_device("cuda:0", local_rank=5) == torch.device("cuda", 0)  # an explicit index is kept
+    else:
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            pick_device("cuda", local_rank=1)
+
+
 def test_device_and_task_errors():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU"):
@@ -85,7 +101,8 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _tiny_arch(monkeypatch):
+def _tiny_arch():
     from vocoslicer.models import factory
 
-    monkeypatch.setitem(factory._REGISTRY, "tiny", lambda out_channels=2: Threshold())
+    with factory.temporary_architecture("tiny", lambda out_channels=2: Threshold()):
+        yield

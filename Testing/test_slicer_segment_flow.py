@@ -93,7 +93,7 @@ def test_segment_result_correction_and_cohort_roundtrip(slicer_core, tmp_path):
 
 
 def test_demo_model_id_is_the_engines():
-    from vocoslicer.models.registry import DEMO_MODEL_ID as ENGINE_DEMO
+    from vocoslicer.models.installed import DEMO_MODEL_ID as ENGINE_DEMO
 
     assert DEMO_MODEL_ID == ENGINE_DEMO
 
@@ -123,7 +123,7 @@ def test_segment_correct_cohort_finetune_loop_with_the_demo_model(slicer_core, t
     from VoCoSlicerLib.params import FinetuneParams
     from VoCoSlicerLib.state import JobState
 
-    probe = subprocess.run([sys.executable, "-c", "from vocoslicer.models.registry import resolve; resolve(None)"],
+    probe = subprocess.run([sys.executable, "-c", "from vocoslicer.models.installed import resolve; resolve(None)"],
                            capture_output=True, text=True, env=ENV, timeout=120)
     if probe.returncode != 0:
         pytest.skip(f"no default model bundled yet: {probe.stderr.strip().splitlines()[-1:]}")
@@ -168,7 +168,7 @@ def test_segment_correct_cohort_finetune_loop_with_the_demo_model(slicer_core, t
 @pytest.mark.slow
 def test_real_segment_command_on_a_phantom(slicer_core, tmp_path):
     """The engine's own segment command with its default (demo) model, on a phantom it generates."""
-    probe = subprocess.run([sys.executable, "-c", "from vocoslicer.models.registry import resolve; resolve(None)"],
+    probe = subprocess.run([sys.executable, "-c", "from vocoslicer.models.installed import resolve; resolve(None)"],
                            capture_output=True, text=True, env=ENV, timeout=120)
     if probe.returncode != 0:
         pytest.skip(f"no default model bundled yet: {probe.stderr.strip().splitlines()[-1:]}")

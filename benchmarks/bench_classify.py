@@ -90,8 +90,8 @@ def test_metrics(bundle_dir: Path, a: argparse.Namespace) -> tuple[float, float]
     model = None
     probs, truth, correct = [], [], 0
     for s in range(TEST0, TEST0 + a.test_cases):
+        from vocoslicer.device import pick_device
         from vocoslicer.infer.classify import build_classifier
-        from vocoslicer.infer.segment import pick_device
 
         dev = pick_device(a.device)
         model = model or build_classifier(bundle, dev)
@@ -131,7 +131,9 @@ def main() -> int:
         a.test_cases, a.val_cases = min(a.test_cases, 8), 2
     a.input_size = [int(v) for v in a.input_size.split(",")]
     if a.device == "auto":
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+        from vocoslicer.device import pick_device
+
+        a.device = str(pick_device(a.device))
     ks = [int(v) for v in a.ks.split(",") if v]
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -142,7 +142,8 @@ _CHILD = ("import resource, sys\nfrom vocoslicer.cli import main\nrc = main(sys.
 _CHILD_OURS = """import resource, sys, time
 import torch
 from vocoslicer.infer.preprocess import prepare
-from vocoslicer.infer.segment import FAST_SPACING, pick_device
+from vocoslicer.device import pick_device
+from vocoslicer.infer.segment import FAST_SPACING
 from vocoslicer.infer.sliding import segment_prepared
 from vocoslicer.io import read_image, write_image
 from vocoslicer.models.bundle import ModelBundle

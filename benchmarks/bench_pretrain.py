@@ -231,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-steps", action="store_true")
     ap.add_argument("--append", action="store_true", help="append the results to benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
-    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if args.device == "auto" else args.device))
+    from vocoslicer.device import pick_device
+
+    dev = pick_device(args.device)
     if dev.type == "cpu" and args.amp == "fp16":
         args.amp = "off"  # fp16 on CPU measures emulation, not anything useful
     lines = []

@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best of each case is kept")
     ap.add_argument("--append", action="store_true", help="append the results to benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
-    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    from vocoslicer.device import pick_device
+
+    cuda = pick_device(args.device).type == "cuda"
     device = "cuda" if cuda else "cpu"
     if not cuda:
         torch.set_num_threads(1)  # CPU numbers are steps per CPU-second of one thread

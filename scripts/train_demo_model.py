@@ -27,7 +27,7 @@ from vocoslicer.jobs.events import EventSink
 from vocoslicer.metrics import dice_per_label, mean_dice
 from vocoslicer.models.bundle import ModelBundle, new_bundle_meta
 from vocoslicer.models.factory import build_model
-from vocoslicer.models.registry import DEMO_MODEL_ID
+from vocoslicer.models.installed import DEMO_MODEL_ID
 from vocoslicer.train.loop import TrainConfig, Trainer
 from vocoslicer.train.segmentation import (
     CropStream,

@@ -154,9 +154,9 @@ def validate(args: argparse.Namespace) -> None:
 
                 read_checkpoint(path)  # memory-mapped: cheap; a refused pickle is refused before any file exists
         else:
-            from vocoslicer.models import registry
+            from vocoslicer.models import installed as installed_models
 
-            registry.resolve(opts.init)  # a missing or broken bundle is a one-line error now, not after setup
+            installed_models.resolve(opts.init)  # a missing or broken bundle is a one-line error now, not after setup
 
 
 def run(args: argparse.Namespace) -> int:

@@ -51,9 +51,9 @@ def _print(result: dict[str, Any], as_json: bool, text: str) -> None:
 
 def _list(args: argparse.Namespace) -> int:
     from vocoslicer.models.catalog import load_catalog
-    from vocoslicer.models.registry import installed
+    from vocoslicer.models.installed import list_installed
 
-    bundles = installed()
+    bundles = list_installed()
     have = {(b.id, b.version) for b in bundles}
     catalog = [{**e.to_dict(), "installed": (e.id, e.version) in have} for e in load_catalog()]
     local = [{"id": b.id, "version": b.version, "task": b.task, "architecture": b.architecture[0],

@@ -93,11 +93,11 @@ def record_fixed_validation(bundle_dir: str | Path, cohort: Cohort, train_ids: S
 
 def _bundle_record(entry: dict[str, Any]) -> dict[str, Any]:
     """The version's own model.json numbers (installed copy first, then the run's bundle), else the index copy."""
-    from vocoslicer.models import registry
+    from vocoslicer.models import installed as installed_models
 
     candidates: list[Path] = []
     try:
-        b = registry.resolve(f"{entry['id']}@{entry['version']}")
+        b = installed_models.resolve(f"{entry['id']}@{entry['version']}")
         candidates.append(Path(b.path) / "model.json")
     except (UserError, KeyError, TypeError):
         pass

@@ -137,8 +137,8 @@ class CaseScorer:
 
     def __init__(self, cohort: Cohort, model_spec: str, device: str = "auto", fast: bool = False,
                  events: EventSink = NULL_SINK) -> None:
-        from vocoslicer.infer.segment import pick_device
-        from vocoslicer.models.registry import resolve
+        from vocoslicer.device import pick_device
+        from vocoslicer.models.installed import resolve
 
         self.bundle = resolve(model_spec)
         if self.bundle.task != "segmentation":

@@ -212,9 +212,9 @@ def _progress(events: EventSink, status: StatusFile, ids: list[str], initially_d
 def run_batch(cases: list[Case], bad: list[BadInput], out_dir: str | None, opts: BatchOptions,
               events: EventSink | None = None) -> BatchSummary:
     """Segment ``cases`` (this rank's share) and return the summary over every rank."""
-    from vocoslicer.infer.segment import pick_device
+    from vocoslicer.device import pick_device
     from vocoslicer.jobs import current_job
-    from vocoslicer.models.registry import resolve
+    from vocoslicer.models.installed import resolve
     from vocoslicer.train import distributed as D
 
     job = current_job()

@@ -106,11 +106,11 @@ def run_single_dicom_seg(args: argparse.Namespace) -> int:
     """``segment IN -o OUT.dcm``: one case written as a DICOM SEG (refused for non-DICOM input without a source)."""
     import time
 
+    from vocoslicer.device import pick_device
     from vocoslicer.infer.batch import CaseRunner, check_dicom_seg_inputs, write_result
-    from vocoslicer.infer.segment import pick_device
     from vocoslicer.io.dicom_seg import dicom_series_files
     from vocoslicer.jobs import current_job
-    from vocoslicer.models.registry import resolve
+    from vocoslicer.models.installed import resolve
 
     if args.truth:
         raise UserError("--truth is not available with a DICOM SEG output (compare a NIfTI/NRRD output instead)")

@@ -77,7 +77,7 @@ def probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
 def classify_image(img: sitk.Image, bundle: ModelBundle, model: torch.nn.Module | None = None,
                    device: str | torch.device = "auto", events: EventSink = NULL_SINK) -> dict[str, Any]:
     """Class probabilities of one image; ``model`` may be passed in by a warm worker."""
-    from vocoslicer.infer.segment import pick_device
+    from vocoslicer.device import pick_device
     from vocoslicer.infer.sliding import autocast_context
 
     dev = device if isinstance(device, torch.device) else pick_device(device)
@@ -133,7 +133,7 @@ def run_classify(input_path: str, output: str | None, model_spec: str | None, de
     """The ``classify`` command: read, classify, write JSON/CSV atomically (nothing written on error)."""
     from vocoslicer.io import read_image
     from vocoslicer.io.atomic import atomic_write_text
-    from vocoslicer.models.registry import resolve
+    from vocoslicer.models.installed import resolve
 
     fmt = output_format(output) if output else None
     t0 = time.perf_counter()

@@ -126,33 +126,3 @@ def prepare(img: sitk.Image, preprocessing: dict[str, Any], spacing: Sequence[fl
     grid = sitk.Image(work.GetSize(), sitk.sitkUInt8)
     grid.CopyInformation(work)
     return Prepared(tensor=tensor, grid=grid, warnings=warnings)
-
-
-def scores_to_reference(scores: torch.Tensor, grid: sitk.Image, reference: sitk.Image,
-                        channel_values: Sequence[int], slab: int = 32) -> sitk.Image:
-    """Resample class scores (C, X, Y, Z) from the model grid onto ``reference``'s grid and take the argmax.
-
-    Works slab by slab along the reference's last axis so that only ``C × slab`` planes of scores exist at the
-    input resolution at any time. Returns a label image with exactly the reference's geometry.
-    """
-    c = scores.shape[0]
-    if c != len(channel_values):
-        raise UserError(f"the model produced {c} channels but its bundle lists {len(channel_values)} channel values")
-    arr = scores.float().permute(3, 2, 1, 0).contiguous().cpu().numpy()  # (Z, Y, X, C)
-    vec = sitk.GetImageFromArray(arr, isVector=True)
-    vec.CopyInformation(grid)
-    lut = np.asarray(channel_values, dtype=np.uint16 if max(channel_values) > 255 else np.uint8)
-    nx, ny, nz = reference.GetSize()
-    out = np.zeros((nz, ny, nx), dtype=lut.dtype)
-    # voxels outside the model grid get "background" (score 0 everywhere except channel 0)
-    default = 0.0
-    for z0 in range(0, nz, slab):
-        z1 = min(nz, z0 + slab)
-        origin = reference.TransformIndexToPhysicalPoint((0, 0, z0))
-        part = sitk.Resample(vec, [nx, ny, z1 - z0], sitk.Transform(), sitk.sitkLinear, origin,
-                             reference.GetSpacing(), reference.GetDirection(), default, vec.GetPixelID())
-        pa = sitk.GetArrayViewFromImage(part)  # (z, y, x, C)
-        out[z0:z1] = lut[np.argmax(pa, axis=-1)]
-    lab = sitk.GetImageFromArray(out)
-    lab.CopyInformation(reference)
-    return lab

@@ -16,24 +16,13 @@ import SimpleITK as sitk
 import torch
 
 from vocoslicer.contracts.labels import labels_csv_path
+from vocoslicer.device import pick_device
 from vocoslicer.errors import Cancelled, UserError
 from vocoslicer.infer.preprocess import prepare
 from vocoslicer.jobs.events import NULL_SINK, EventSink
 from vocoslicer.models.bundle import ModelBundle
 
 FAST_SPACING = (3.0, 3.0, 3.0)
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    """``auto`` → CUDA when available; asking for CUDA on a machine without it is a user error."""
-    if requested in ("auto", "", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested but no CUDA GPU is available (use --device cpu or auto)")
-    try:
-        return torch.device(requested)
-    except RuntimeError:
-        raise UserError(f"unknown device {requested!r} (use auto, cpu, cuda or cuda:N)") from None
 
 
 def segment_image(img: sitk.Image, bundle: ModelBundle, model: torch.nn.Module | None = None,
@@ -102,7 +91,7 @@ def run_segment(input_path: str, output: str, model_spec: str | None = None, dev
     from vocoslicer.infer.runtime import apply_threads, check_runtime
     from vocoslicer.io import read_image, write_image
     from vocoslicer.jobs import current_job
-    from vocoslicer.models.registry import resolve
+    from vocoslicer.models.installed import resolve
 
     job = current_job()
     events = events if events is not None else job.events

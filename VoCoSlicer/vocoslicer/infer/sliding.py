@@ -213,7 +213,7 @@ def sliding_window_scores(model: torch.nn.Module, image: torch.Tensor, roi_size:
 
     Use this when the scores themselves are needed (resampling scores back to the input grid, probabilities);
     :func:`sliding_window_labels` is cheaper when only labels are wanted. ``out_device=device`` keeps the scores
-    on the GPU for :func:`vocoslicer.infer.postprocess.scores_to_reference_torch`.
+    on the GPU for :func:`vocoslicer.infer.resample.scores_to_reference_torch`.
     """
     device = torch.device(device)
     out_dev = torch.device(out_device)
@@ -254,46 +254,6 @@ def _progress_events(events: EventSink, stage: str) -> ProgressFn:
     return report
 
 
-def predict_scores_fast(model: torch.nn.Module, x: torch.Tensor, roi: Sequence[int], overlap: float, mode: str,
-                        sw_batch_size: int, device: torch.device, events: EventSink = NULL_SINK,
-                        cancel: CancelFn | None = None) -> torch.Tensor:
-    """Drop-in for ``infer.segment.predict_scores``: (C, X, Y, Z) float16 scores on the CPU.
-
-    Fast engine (autocast, SDPA attention, batched windows), CUDA OOM fallback (fewer windows, then CPU, with a
-    warning event) and GPU memory released afterwards.
-    """
-    from vocoslicer.infer.oom import device_job, run_with_oom_fallback
-
-    enable_fast_attention(model)
-    report = _progress_events(events, "sliding-window inference")
-
-    def fn(dev: torch.device, bs: int) -> torch.Tensor:
-        return sliding_window_scores(model.to(dev), x, roi, overlap=overlap, mode=mode, sw_batch_size=bs,
-                                     device=dev, progress=report, cancel=cancel)
-
-    with device_job(device):
-        scores, _, _ = run_with_oom_fallback(fn, device, sw_batch_size, events)
-    return scores
-
-
-def predict_labels_fast(model: torch.nn.Module, x: torch.Tensor, roi: Sequence[int], overlap: float, mode: str,
-                        sw_batch_size: int, device: torch.device, channel_values: Sequence[int] | None = None,
-                        events: EventSink = NULL_SINK, cancel: CancelFn | None = None) -> torch.Tensor:
-    """Like :func:`predict_scores_fast` but returns uint8 labels (X, Y, Z): argmax on the device, no scores."""
-    from vocoslicer.infer.oom import device_job, run_with_oom_fallback
-
-    enable_fast_attention(model)
-    report = _progress_events(events, "sliding-window inference")
-
-    def fn(dev: torch.device, bs: int) -> torch.Tensor:
-        return sliding_window_labels(model.to(dev), x, roi, overlap=overlap, mode=mode, sw_batch_size=bs,
-                                     device=dev, channel_values=channel_values, progress=report, cancel=cancel)
-
-    with device_job(device):
-        labels, _, _ = run_with_oom_fallback(fn, device, sw_batch_size, events)
-    return labels
-
-
 WHOLE_VOLUME_MAX_VOXELS = 160**3
 
 
@@ -324,7 +284,7 @@ def segment_prepared(model: torch.nn.Module, tensor: torch.Tensor, grid: Any, re
     """Model-grid input (from ``infer.preprocess.prepare``) → label image on ``reference``'s exact grid.
 
     ``smooth`` (default: on CUDA) keeps the blended scores on the device and resamples them trilinearly onto the
-    input grid before the argmax (:func:`~vocoslicer.infer.postprocess.scores_to_reference_torch`); otherwise
+    input grid before the argmax (:func:`~vocoslicer.infer.resample.scores_to_reference_torch`); otherwise
     the argmax happens on the model grid and the uint8 labels are resampled nearest-neighbour (the official
     ``Invertd(nearest_interp=True)`` behaviour, and the cheap choice on a CPU). CUDA out-of-memory retries with
     fewer windows, then on the CPU; GPU memory is released afterwards. On the CPU one window per batch is used:
@@ -334,7 +294,7 @@ def segment_prepared(model: torch.nn.Module, tensor: torch.Tensor, grid: Any, re
     cached per ``model_key`` (the bundle's weights sha256) and window shape, falling back to eager on failure.
     """
     from vocoslicer.infer.oom import device_job, run_with_oom_fallback
-    from vocoslicer.infer.postprocess import labels_to_reference, scores_to_reference_torch
+    from vocoslicer.infer.resample import labels_to_reference, scores_to_reference_torch
     from vocoslicer.infer.runtime import MAX_WINDOW_VOXELS, runtime_model, will_compile
 
     use_smooth = device.type == "cuda" if smooth is None else bool(smooth)

@@ -157,7 +157,7 @@ def segment_prepared_uncertain(model: torch.nn.Module, tensor: torch.Tensor, gri
     plain path. The batch segmentation path calls this with the same arguments.
     """
     from vocoslicer.infer.oom import device_job, run_with_oom_fallback
-    from vocoslicer.infer.postprocess import labels_to_reference, scores_to_reference_torch
+    from vocoslicer.infer.resample import labels_to_reference, scores_to_reference_torch
     from vocoslicer.infer.sliding import (
         _progress_events,
         enable_fast_attention,

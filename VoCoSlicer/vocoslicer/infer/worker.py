@@ -62,8 +62,8 @@ def check_request(req: dict[str, Any]) -> None:
 
 
 def load_bundle(spec: str | None) -> Any:
-    """``registry.resolve`` with every failure of a broken bundle (bad JSON, missing keys) a user error."""
-    from vocoslicer.models.registry import resolve
+    """``installed.resolve`` with every failure of a broken bundle (bad JSON, missing keys) a user error."""
+    from vocoslicer.models.installed import resolve
 
     try:
         return resolve(spec)
@@ -220,7 +220,7 @@ class Worker:
                             f"({type(exc).__name__}: {_first(exc)[:200]})") from None
 
     def _device(self, req: dict[str, Any]) -> Any:
-        from vocoslicer.infer.segment import pick_device
+        from vocoslicer.device import pick_device
 
         return pick_device(str(req.get("device") or self.device))
 

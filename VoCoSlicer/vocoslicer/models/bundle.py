@@ -265,7 +265,7 @@ class ModelBundle:
         forward pass runs on meta tensors, so wrong shapes, impossible architecture arguments and ROI sizes the
         network cannot take are one-line errors at import instead of a traceback at the first segmentation.
         """
-        from vocoslicer.models.catalog import parameters_on_meta
+        from vocoslicer.models.convert import parameters_on_meta
         from vocoslicer.models.factory import build_model
 
         src = str(self.path)

@@ -155,17 +155,10 @@ def downloads_dir() -> Path:
     return p
 
 
-def install_dir(model_id: str, version: str) -> Path:
-    """Final folder of an installed bundle (the lead's registry layout ``<id>/<version>``), both parts validated."""
-    from vocoslicer.models.registry import install_path
-
-    return install_path(model_id, version)
-
-
 def _convert_and_install(checkpoint: Path, force: bool, **kwargs: Any) -> tuple[Any, Any]:
-    """Convert a checkpoint into a staging folder, then install it through the registry (verified, atomic)."""
-    from vocoslicer.models.catalog import checkpoint_to_bundle
-    from vocoslicer.models.registry import install, staging_dir
+    """Convert a checkpoint into a staging folder, then install it like any bundle (verified, atomic, locked)."""
+    from vocoslicer.models.convert import checkpoint_to_bundle
+    from vocoslicer.models.installed import install, staging_dir
 
     stage = staging_dir()
     try:
@@ -181,12 +174,13 @@ def install_from_catalog(key: str, events: EventSink = NULL_SINK, bar: ProgressB
                          cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
     """``models download ID``: download, verify, convert into a bundle and install it; returns a summary."""
     from vocoslicer.models.catalog import find_entry, load_catalog
+    from vocoslicer.models.installed import install_path
 
     entries = load_catalog()
     entry = find_entry(key, entries)
     if entry is None:
         raise UserError(f"model {key!r} is not in the catalog (known: {', '.join(e.id for e in entries)})")
-    target = install_dir(entry.id, entry.version)
+    target = install_path(entry.id, entry.version)
     if (target / "model.json").is_file() and not force:
         return {"id": entry.id, "version": entry.version, "path": str(target), "status": "already installed"}
     raw = downloads_dir() / entry.filename
@@ -236,7 +230,7 @@ def import_path(path: str | os.PathLike[str], model_id: str | None = None, versi
     from vocoslicer.labels import LabelTable
     from vocoslicer.models.bundle import sha256_file
     from vocoslicer.models.catalog import find_entry
-    from vocoslicer.models.registry import install
+    from vocoslicer.models.installed import CHECKPOINT_SUFFIXES, install, install_path
 
     if model_id is not None:
         check_id(model_id, "--id")
@@ -252,7 +246,7 @@ def import_path(path: str | os.PathLike[str], model_id: str | None = None, versi
         events.artifact(installed.path, "model", id=installed.id, version=installed.version)
         return {"id": installed.id, "version": installed.version, "path": str(installed.path),
                 "status": "installed"}
-    if p.suffix not in (".pt", ".pth", ".ckpt", ".safetensors"):
+    if p.suffix not in CHECKPOINT_SUFFIXES:
         raise UserError(f"{p}: import takes a bundle folder or .zip, or a .pt/.pth/.safetensors checkpoint")
     entry = None if model_id else find_entry(p.name)
     labels = LabelTable.read_csv(labels_csv) if labels_csv else None
@@ -262,7 +256,7 @@ def import_path(path: str | os.PathLike[str], model_id: str | None = None, versi
         raise UserError(f"{p}: sha256 {digest[:16]}… differs from the catalog's for {entry.id}; not installed")
     mid = model_id or (entry.id if entry is not None else p.name.split(".")[0].lower().replace("_", "-"))
     ver = version or (entry.version if entry is not None else "1.0.0")
-    target = install_dir(check_id(mid, "model id (from the file name; pass --id)"), ver)
+    target = install_path(check_id(mid, "model id (from the file name; pass --id)"), ver)
     if target.exists() and not force:
         raise UserError(f"model {mid}@{ver} is already installed ({target}); use --force")
     bundle, report = _convert_and_install(p, force, entry=entry, model_id=mid, version=ver, labels=labels,
@@ -274,8 +268,8 @@ def import_path(path: str | os.PathLike[str], model_id: str | None = None, versi
 
 
 def remove_installed(spec: str) -> dict[str, Any]:
-    """``models remove ID[@VERSION]`` via the registry (the demo model cannot be removed)."""
-    from vocoslicer.models.registry import remove
+    """``models remove ID[@VERSION]`` via :mod:`vocoslicer.models.installed` (the demo model cannot be removed)."""
+    from vocoslicer.models.installed import remove
 
     path = remove(spec)
     with contextlib.suppress(OSError):

@@ -1,13 +1,17 @@
 """Architecture registry: ``model.json`` names an architecture and its arguments; this turns that into a module.
 
 Bundles must never contain pickled code, so the architecture is always rebuilt from a name + JSON arguments.
-Families register themselves here; heavy imports happen only when a model is built.
+Families register themselves here; heavy imports happen only when a model is built. A name registered twice is
+almost always two families colliding (the second silently wins), so that warns; tests that need a toy
+architecture use :func:`temporary_architecture` or ``register_architecture(name, replace=True)`` instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -20,14 +24,45 @@ _REGISTRY: dict[str, Builder] = {}
 _LAZY_MODULES = ("vocoslicer.models.pumit", "vocoslicer.models.classifier", "vocoslicer.models.nnunet")
 
 
-def register_architecture(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: make ``builder(**args)`` available as architecture ``name``."""
+def _describe(fn: Builder) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def register_architecture(name: str, *, replace: bool = False) -> Callable[[Builder], Builder]:
+    """Decorator: make ``builder(**args)`` available as architecture ``name``.
+
+    Registering a different builder under a taken name warns (naming both builders) unless ``replace`` says the
+    replacement is intended.
+    """
 
     def deco(fn: Builder) -> Builder:
+        old = _REGISTRY.get(name)
+        if old is not None and old is not fn and not replace:
+            warnings.warn(f"model architecture {name!r} registered twice: {_describe(fn)} replaces "
+                          f"{_describe(old)}", RuntimeWarning, stacklevel=2)
         _REGISTRY[name] = fn
         return fn
 
     return deco
+
+
+def unregister_architecture(name: str) -> Builder | None:
+    """Forget architecture ``name``; returns its builder (``None`` when it was not registered)."""
+    return _REGISTRY.pop(name, None)
+
+
+@contextlib.contextmanager
+def temporary_architecture(name: str, builder: Builder) -> Iterator[Builder]:
+    """Make ``builder`` architecture ``name`` inside the block, then restore what was there (tests' toy models)."""
+    previous = _REGISTRY.get(name)
+    register_architecture(name, replace=True)(builder)
+    try:
+        yield builder
+    finally:
+        if previous is None:
+            unregister_architecture(name)
+        else:
+            _REGISTRY[name] = previous
 
 
 def _load_lazy() -> None:

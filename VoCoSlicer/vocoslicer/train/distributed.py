@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from vocoslicer.device import pick_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -41,25 +43,13 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """Map ``auto``/``cpu``/``cuda``/``cuda:N`` to a device (``cuda`` means ``cuda:local_rank``)."""
-    device = (device or "auto").lower()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but CUDA is not available")
-        return torch.device("cuda", local_rank)
-    return torch.device(device)
-
-
 def setup(device: str = "auto", timeout_s: float | None = None) -> tuple[DistContext, torch.device]:
     """Initialise the process group when started under torchrun with WORLD_SIZE>1 and choose this rank's device."""
     world = env_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     if world > 1 and (device or "").lower().startswith("cuda"):
         device = "cuda"  # one GPU per rank: torchrun's LOCAL_RANK decides which
-    dev = resolve_device(device, local_rank)
+    dev = pick_device(device, local_rank=local_rank)  # the one device picker (vocoslicer.device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world <= 1:

@@ -142,7 +142,7 @@ def resolve_cls_init(spec: str, n_classes: int, arch: str | None = None, feature
                      preprocessing: dict[str, Any] | None = None,
                      input_size: Sequence[int] | None = None, events: EventSink = NULL_SINK) -> ClsInit:
     """Resolve ``--init`` for ``n_classes`` outputs (see the module docstring)."""
-    from vocoslicer.models import registry
+    from vocoslicer.models import installed as installed_models
 
     want = _Wanted(n_classes, arch, feature_size, vit_size, pool, patch, preprocessing, input_size, events)
     if spec == "scratch":
@@ -151,7 +151,7 @@ def resolve_cls_init(spec: str, n_classes: int, arch: str | None = None, feature
     if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
         return _from_checkpoint(path, want)
     try:
-        bundle = registry.resolve(spec)
+        bundle = installed_models.resolve(spec)
     except UserError as exc:
         hint = (" (download the official VoCo weights first: 'vocoslicer models download voco-b-ssl')"
                 if spec.startswith("voco-") else "")

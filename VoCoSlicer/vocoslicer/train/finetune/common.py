@@ -71,9 +71,9 @@ def train_config(opts: Any, warmup_steps: int, select_metric: str, **extra: Any)
 
 def new_version(model_id: str, parent: dict[str, Any] | None) -> str:
     """The next free version of ``model_id``, always above the parent's (which may not be installed)."""
-    from vocoslicer.models import registry
+    from vocoslicer.models import installed as installed_models
 
-    candidate = registry.next_version(model_id)
+    candidate = installed_models.next_version(model_id)
     if parent and parent.get("id") == model_id:
         nums = [int(x) for x in re.findall(r"\d+", str(parent.get("version", "")))[:3]] + [0, 0, 0]
         bumped = (nums[0], nums[1], nums[2] + 1)
@@ -87,11 +87,11 @@ def publish(best_dir: Path, summary: dict[str, Any], install: bool, overwrite: b
             **artifact: Any) -> dict[str, Any]:
     """Install the best bundle (or keep it in the run folder: ``install`` false), report it as the run's model
     artifact and write ``summary.json`` next to it; returns ``summary`` (with ``installed`` when installed)."""
-    from vocoslicer.models import registry
+    from vocoslicer.models import installed as installed_models
 
     where = best_dir
     if install:
-        installed = registry.install(best_dir, overwrite=overwrite)
+        installed = installed_models.install(best_dir, overwrite=overwrite)
         summary["installed"] = str(installed.path)
         where = installed.path
     events.artifact(where, "model", id=summary["id"], version=summary["version"], **artifact)

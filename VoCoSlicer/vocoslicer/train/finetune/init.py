@@ -155,7 +155,7 @@ def resolve_init(spec: str, cohort_labels: LabelTable, feature_size: int | None 
                  preprocessing: dict[str, Any] | None = None, roi: Sequence[int] | None = None,
                  events: EventSink = NULL_SINK) -> InitModel:
     """``--init``: ``scratch``, a VoCo/SwinUNETR checkpoint file, or a bundle (path, installed id, id@version)."""
-    from vocoslicer.models import registry
+    from vocoslicer.models import installed as installed_models
 
     if not len(cohort_labels):
         raise UserError("the cohort has no label table (add a labelled case with --labels first)")
@@ -172,7 +172,7 @@ def resolve_init(spec: str, cohort_labels: LabelTable, feature_size: int | None 
         return InitModel("checkpoint", _scratch_arch(cohort_labels, fs, in_ch), cohort_labels, cv, pre, inf,
                          checkpoint_parent(path), f"checkpoint {path.name} (feature size {fs})",
                          swin_loader(state, str(path), events))
-    bundle = registry.resolve(spec)
+    bundle = installed_models.resolve(spec)
     parent = bundle_parent(bundle)
     name, args = bundle.architecture
     if bundle.task == "backbone":

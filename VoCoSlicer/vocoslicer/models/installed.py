@@ -3,14 +3,20 @@
 ``--model`` everywhere accepts a bundle path, ``ID`` (newest installed version) or ``ID@VERSION``; with no
 ``--model`` the bundled demo model is used, so a fresh install can segment something at once. A finetune
 registers its result here, which is why Segment can use a new version immediately.
+
+This module is the only place that names an installed folder (:func:`install_path`) and the only way one comes
+into being (:func:`install`: staged, verified, renamed in under a lock); ``models download``/``import`` and the
+finetuners all go through it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +26,7 @@ from vocoslicer.errors import UserError
 from vocoslicer.ids import check_id, inside
 from vocoslicer.io.atomic import atomic_write_json, make_temp_dir
 from vocoslicer.models.bundle import ModelBundle
-from vocoslicer.paths import cache_dir, models_dir, resources_dir
+from vocoslicer.paths import cache_dir, locks_dir, models_dir, resources_dir
 
 
 def demo_bundle_path() -> Path:
@@ -28,7 +34,7 @@ def demo_bundle_path() -> Path:
     return resources_dir() / "demo_model"
 
 
-def installed() -> list[ModelBundle]:
+def list_installed() -> list[ModelBundle]:
     """Every installed bundle (all versions) plus the demo model, newest version first per id."""
     out: list[ModelBundle] = []
     root = models_dir()
@@ -60,9 +66,9 @@ def resolve(spec: str | os.PathLike[str] | None) -> ModelBundle:
     if p.exists():
         return ModelBundle.load(p)
     model_id, _, version = text.partition("@")
-    candidates = [b for b in installed() if b.id == model_id and (not version or b.version == version)]
+    candidates = [b for b in list_installed() if b.id == model_id and (not version or b.version == version)]
     if not candidates:
-        known = sorted({f"{b.id}@{b.version}" for b in installed()})
+        known = sorted({f"{b.id}@{b.version}" for b in list_installed()})
         raise UserError(f"model {text!r} is neither a bundle path nor an installed model "
                         f"(installed: {', '.join(known) or 'none'})")
     return max(candidates, key=lambda b: _version_key(b.version))
@@ -89,7 +95,8 @@ def checkpoint_bundle(path: str | os.PathLike[str]) -> ModelBundle:
     from the catalog's is refused, like on import.
     """
     from vocoslicer.models.bundle import sha256_file
-    from vocoslicer.models.catalog import checkpoint_to_bundle, find_entry
+    from vocoslicer.models.catalog import find_entry
+    from vocoslicer.models.convert import checkpoint_to_bundle
 
     p = Path(path)
     digest = sha256_file(p)
@@ -119,6 +126,22 @@ def install_path(model_id: str, version: str | None = None) -> Path:
     return inside(models_dir(), Path(*parts), "model folder")
 
 
+INSTALL_LOCK_TIMEOUT_S = 300.0
+
+
+@contextlib.contextmanager
+def _install_lock() -> Iterator[None]:
+    """Serialise the check-and-rename of installs and removals across processes (two finetunes that finish
+    together, a download next to an import): the second one then sees the first one's folder."""
+    from filelock import FileLock, Timeout
+
+    try:
+        with FileLock(str(locks_dir() / "models-install.lock"), timeout=INSTALL_LOCK_TIMEOUT_S):
+            yield
+    except Timeout:
+        raise UserError("another process has been installing a model for minutes; try again later") from None
+
+
 def staging_dir() -> Path:
     """A fresh folder inside the models home for building a bundle before it is installed (hidden from listings)."""
     return make_temp_dir(models_dir() / ".staging", prefix=".", suffix=".stage")
@@ -145,7 +168,8 @@ def install(bundle_dir: str | os.PathLike[str], overwrite: bool = False, meta: d
     The bundle is staged next to its final place (copied, or renamed when ``move`` and the source is a staging
     folder we own), ``meta`` overrides model.json fields (``models import --id/--version``), the staged copy is
     verified (weights sha256, network built on the meta device, every weight shape, one meta forward at the
-    ROI size), and only then renamed into place. On any failure the staging folder is removed.
+    ROI size), and only then renamed into place under the install lock. On any failure the staging folder is
+    removed.
     """
     if Path(bundle_dir).is_file() and zipfile.is_zipfile(bundle_dir):  # unpack into staging, not the cache
         from vocoslicer.models.bundle import unzip_bundle
@@ -174,11 +198,15 @@ def install(bundle_dir: str | os.PathLike[str], overwrite: bool = False, meta: d
         if meta:
             atomic_write_json(tmp / "model.json", src.meta)
         ModelBundle.load(tmp).verify_loadable()
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():  # swap: the old version stays complete until the new one is in place
-            old = make_temp_dir(models_dir() / ".staging", prefix=".", suffix=".old")
-            os.replace(dest, old / "bundle")
-        os.replace(tmp, dest)
+        with _install_lock():
+            if dest.exists() and not overwrite:  # installed by another process while this one was verifying
+                raise UserError(f"model {src.id}@{src.version} is already installed ({dest}); use --force to "
+                                "replace it")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():  # swap: the old version stays complete until the new one is in place
+                old = make_temp_dir(models_dir() / ".staging", prefix=".", suffix=".old")
+                os.replace(dest, old / "bundle")
+            os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not dest.exists() and (old / "bundle").exists():
@@ -195,7 +223,7 @@ def install(bundle_dir: str | os.PathLike[str], overwrite: bool = False, meta: d
 def next_version(model_id: str, base: str = "1.0.0") -> str:
     """The next free patch-level version for ``model_id`` (finetunes create new versions, never overwrite)."""
     check_id(model_id, "model id")
-    versions = [b.version for b in installed() if b.id == model_id]
+    versions = [b.version for b in list_installed() if b.id == model_id]
     if not versions:
         return base
     newest = max(versions, key=_version_key)
@@ -207,7 +235,8 @@ def remove(spec: str) -> Path:
     """Delete an installed ``ID@VERSION`` (or every version of ``ID``); the demo model cannot be removed."""
     model_id, sep, version = spec.partition("@")
     target = install_path(model_id, version if sep else None)
-    if not target.is_dir():
-        raise UserError(f"model {spec!r} is not installed")
-    shutil.rmtree(target)
+    with _install_lock():
+        if not target.is_dir():
+            raise UserError(f"model {spec!r} is not installed")
+        shutil.rmtree(target)
     return target
