@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE = ROOT / "VoCoSlicer"  # holds both the vocoslicer package and VoCoSlicerLib
 
@@ -31,6 +33,8 @@ for name in list(sys.modules):
 
 import json, os, socket
 from pathlib import Path
+
+import pytest
 
 tmp = Path(sys.argv[1])
 os.environ["VOCOSLICER_HOME"] = str(tmp / "home")
@@ -158,3 +162,17 @@ def test_engine_and_slicer_side_share_one_definition():
     assert params.DEMO_MODEL_ID is installed.DEMO_MODEL_ID is cmodels.DEMO_MODEL_ID
     assert models_view.models_dir is paths.models_dir
     assert errors.UserError.__module__ == "vocoslicer.contracts.errors"
+
+
+def test_torchrun_environment_is_read_in_one_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank and world size as torchrun announces them; outside torchrun rank 0 of 1, and never a relaunch guard."""
+    from vocoslicer.contracts import torchrun
+
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert (torchrun.env_rank(), torchrun.env_world_size(), torchrun.under_torchrun()) == (0, 1, False)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert (torchrun.env_rank(), torchrun.env_world_size(), torchrun.under_torchrun()) == (3, 4, True)
+    monkeypatch.setenv("RANK", "")
+    assert torchrun.env_rank() == 0

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
+from vocoslicer.contracts.torchrun import env_rank
 from vocoslicer.errors import UserError
 from vocoslicer.jobs.events import EventSink
 from vocoslicer.jobs.runner import job_event_sink
@@ -32,7 +32,7 @@ def job_setup(args: argparse.Namespace, what: str = "the exported model"
     events = job.events
     if job.run_dir is None or run_dir != Path(job.run_dir).resolve():
         events = job_event_sink(run_dir / "events.jsonl", getattr(args, "job_events", "none") == "stdout",
-                                rank=int(os.environ.get("RANK", "0") or 0))
+                                rank=env_rank())
     return run_dir, events, job.should_stop
 
 

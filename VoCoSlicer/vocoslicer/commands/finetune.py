@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -13,6 +12,7 @@ from typing import Any, TypeVar
 
 from vocoslicer import config
 from vocoslicer.commands import _finetune_cls
+from vocoslicer.contracts.torchrun import env_rank
 from vocoslicer.errors import UserError
 from vocoslicer.train.finetune.options import FinetuneOptions, default_of, from_args, unset
 from vocoslicer.train.recipes import AMP_CHOICES
@@ -187,7 +187,7 @@ def run_reporting(args: argparse.Namespace, train: Callable[..., dict[str, Any]]
         events = job.events
     else:
         own_sink = events = job_event_sink(Path(args.out).expanduser() / "events.jsonl", to_stdout,
-                                           rank=int(os.environ.get("RANK", "0") or 0))
+                                           rank=env_rank())
     try:
         summary = train(events=events, should_stop=job.should_stop)
     finally:

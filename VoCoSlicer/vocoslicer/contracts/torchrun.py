@@ -7,6 +7,7 @@ rendezvous options.
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -27,3 +28,29 @@ def torchrun_command(module_args: list[str], nproc_per_node: int, nnodes: int = 
         cmd += [f"--nnodes={int(nnodes)}", f"--node_rank={node_rank}", f"--master_addr={master_addr}",
                 f"--master_port={master_port}"]
     return [*cmd, "-m", *module_args]
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, "") or default)
+    except ValueError:
+        return default
+
+
+def env_rank() -> int:
+    """This process's global rank as torchrun announces it (``RANK``; 0 outside torchrun).
+
+    For what must be decided before (or without) a process group: whose events file to append to, which shard of
+    a batch to take, which rank writes a summary. Inside training the trainer's ``DistContext`` is the answer.
+    """
+    return _env_int("RANK", 0)
+
+
+def env_world_size() -> int:
+    """Processes in this torchrun job (``WORLD_SIZE``; 1 outside torchrun)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun started this process (its children must never relaunch themselves)."""
+    return "WORLD_SIZE" in os.environ

@@ -8,11 +8,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vocoslicer.contracts.torchrun import env_rank
 from vocoslicer.errors import UserError
 from vocoslicer.infer.batch_inputs import LIST_EXTENSIONS, OUTPUT_EXTENSIONS, Case
 
@@ -96,7 +96,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
     fmt = args.out_format or "nifti"
     out_dir = None if (args.cohort and args.unlabelled and not args.output) else args.output
     summary = run_batch(cases, bad, out_dir, _options(args, fmt))
-    if int(os.environ.get("RANK", "0") or 0) == 0:
+    if env_rank() == 0:
         out = sys.stderr if args.events == "stdout" else sys.stdout
         print(format_summary(summary, out_dir or str(args.cohort)), file=out)
     return summary.exit_code

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from vocoslicer import __version__
+from vocoslicer.contracts.torchrun import env_rank
 from vocoslicer.errors import EXIT_CANCELLED, EXIT_OK, EXIT_USER, UserError
 from vocoslicer.jobs.context import JobContext, set_current_job
 from vocoslicer.jobs.events import EventSink
@@ -151,7 +152,7 @@ def start_job(args: argparse.Namespace, argv: list[str]) -> JobRun:
 
     Raises :class:`UserError` for a run directory that cannot be created or that a live process still uses.
     """
-    rank = int(os.environ.get("RANK", "0") or 0)
+    rank = env_rank()
     resume = bool(getattr(args, "resume", False))
     # a command's own ``--events stdout`` (segment has one) counts too: one context, one event stream
     stdout = "stdout" in (getattr(args, "job_events", "none"), getattr(args, "events", None))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from vocoslicer.contracts.torchrun import env_world_size
 from vocoslicer.device import pick_device
 
 
@@ -36,11 +37,6 @@ class DistContext:
     def distributed(self) -> bool:
         """True when more than one process takes part."""
         return self.world_size > 1
-
-
-def env_world_size() -> int:
-    """World size announced by torchrun (1 when not under torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def setup(device: str = "auto", timeout_s: float | None = None) -> tuple[DistContext, torch.device]:

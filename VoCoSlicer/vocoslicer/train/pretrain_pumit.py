@@ -11,7 +11,6 @@ Data for both: same-DA batches of crops from :mod:`vocoslicer.data.anisotropy`.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 
+from vocoslicer.contracts.torchrun import env_rank, env_world_size
 from vocoslicer.data.anisotropy import DACropDataset, SameDABatchSampler, VolumeItem, collate_same_da
 from vocoslicer.errors import UserError
 from vocoslicer.jobs.events import NULL_SINK, EventSink
@@ -56,7 +56,7 @@ class TokenizerRecipe:
 def make_loader(items: list[VolumeItem], batch_size: int, tokens_z: int, tokens_xy: int, stride: int, seed: int,
                 channels: int = 3, workers: int = 0, augment: bool = True) -> tuple[Any, SameDABatchSampler]:
     """DataLoader of same-DA batches for this rank (torchrun's RANK/WORLD_SIZE), plus its sampler."""
-    rank, world = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank, world = env_rank(), env_world_size()
     sampler = SameDABatchSampler([it.shape for it in items], [it.spacing for it in items], batch_size, tokens_z,
                                  tokens_xy, stride, seed=seed, rank=rank, world_size=world)
     # its own generator: creating the loader's iterator must not consume the global RNG that resume restores

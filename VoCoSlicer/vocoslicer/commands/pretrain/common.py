@@ -9,7 +9,6 @@ Defaults come from :mod:`vocoslicer.train.recipes` (torch-free: building the par
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vocoslicer import config
+from vocoslicer.contracts.torchrun import torchrun_command, under_torchrun
 from vocoslicer.errors import UserError
 from vocoslicer.train.recipes import AMP_CHOICES, PretrainDefaults
 
@@ -121,10 +121,8 @@ def relaunch_under_torchrun(args: argparse.Namespace, argv: Sequence[str] | None
 
     ``argv`` defaults to ``sys.argv[1:]`` (global options included: every rank runs the same job).
     """
-    under_torchrun = "WORLD_SIZE" in os.environ
-    if not (args.print_torchrun or ((args.gpus > 1 or args.nnodes > 1) and not under_torchrun)):
+    if not (args.print_torchrun or ((args.gpus > 1 or args.nnodes > 1) and not under_torchrun())):
         return None
-    from vocoslicer.contracts.torchrun import torchrun_command
 
     cmd = torchrun_command(["vocoslicer", *child_argv(sys.argv[1:] if argv is None else argv)], max(1, args.gpus),
                            args.nnodes, args.node_rank, args.master_addr, args.master_port)
