@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers_procs import pid_gone
 
 from VoCoSlicerLib.job_runs import last_error, list_runs, read_run
 from VoCoSlicerLib.jobs import ENGINE_DIR, Job, JobError, parse_event_line
@@ -44,18 +45,6 @@ def steps_of(events: list[dict]) -> list[int]:
     return [e["step"] for e in events if e["kind"] == "progress"]
 
 
-def pid_gone(pid: int, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            if stat[stat.rfind(")") + 2] in "ZX":
-                return True
-        except (ProcessLookupError, FileNotFoundError):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.mark.parametrize("with_run_dir", [True, False])

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers_procs import pid_gone
 
 from VoCoSlicerLib.worker_client import WorkerClient, WorkerError
 
 FAKE = Path(__file__).parent / "data" / "fake_worker.py"
 
 
-def gone(pid: int, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            if stat[stat.rfind(")") + 2] in "ZX":
-                return True
-        except (ProcessLookupError, FileNotFoundError):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_requests_events_and_clean_shutdown():
@@ -73,7 +61,7 @@ def test_malformed_lines_become_warnings_and_close_ends_the_group():
         child = client.request("spawn")["child"]
     finally:
         client.close(timeout=2)
-    assert gone(child), "a process started by the worker survived close()"
+    assert pid_gone(child), "a process started by the worker survived close()"
 
 
 def test_missing_interpreter_and_timeout(tmp_path):
