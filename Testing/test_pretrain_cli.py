@@ -101,3 +101,13 @@ def test_training_dataclasses_read_the_same_recipe_values() -> None:
     assert P.MASK_RATIO == MIM.mask_ratio == 0.55
     assert VOCO.warmup_steps(100_000) == 5000 and VOCO.warmup_steps(15) == 1
     assert TOKENIZER.warmup_steps(1000) == 50 and MIM.warmup_steps(300_000) == 10_000
+
+
+def test_old_voco_accum_spelling_is_a_hidden_alias(capsys) -> None:
+    """``pretrain voco --accum`` (its name before every command said --grad-accum) still works, unlisted."""
+    args = config.parse_args(build_parser(), ["pretrain", "voco", "--data", "/d", "--accum", "4"])
+    assert args.grad_accum == 4 and not hasattr(args, "accum")
+    with pytest.raises(SystemExit):
+        main(["pretrain", "voco", "--help"])
+    out = capsys.readouterr().out
+    assert "--grad-accum" in out and "--accum" not in out

@@ -131,9 +131,10 @@ def _relaxed(parsers: list[argparse.ArgumentParser]) -> Iterator[None]:
 
 def _settable(p: argparse.ArgumentParser) -> list[argparse.Action]:
     """The actions a config file may set: the command's long options, without help and the config options."""
+    # hidden options (help=SUPPRESS: the old spellings kept as aliases) are never keys: their dest has its own option
     return [a for a in p._actions
             if any(s.startswith("--") for s in a.option_strings) and a.default is not argparse.SUPPRESS
-            and a.dest not in _OWN and a.dest != _MARK]
+            and a.help is not argparse.SUPPRESS and a.dest not in _OWN and a.dest != _MARK]
 
 
 def _key(action: argparse.Action) -> str:

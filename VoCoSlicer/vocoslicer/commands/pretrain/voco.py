@@ -8,6 +8,7 @@ import sys
 
 from vocoslicer.commands.pretrain.common import (
     add_common_options,
+    add_deprecated_alias,
     list_or_relaunch,
     set_handlers,
     train_config,
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "an official VoCo_*_SSL_head.pt.")
     add_common_options(p, VOCO, formats="NIfTI/NRRD/MHA, DICOM", batch_unit="volumes", data_required=False,
                        steps_note="; official: 2,000,000 on 8 GPUs")
+    add_deprecated_alias(p, "--accum", dest="grad_accum", type=int)  # voco's name before --grad-accum
     p.add_argument("--size", choices=("B", "L", "H"), default=VOCO.size, help="VoCo size: B=48, L=96, H=192 features")
     p.add_argument("--feature-size", type=int, default=None, help="override the feature size (multiple of 12)")
     p.add_argument("--sw", type=int, default=VOCO.sw, help=f"random crops per volume (official {VOCO.sw})")
