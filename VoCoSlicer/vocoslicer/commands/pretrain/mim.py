@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vocoslicer.commands.pretrain.common import set_handlers, train_config
+from vocoslicer.commands.pretrain import common
 from vocoslicer.commands.pretrain.tokenizer import (
     add_pumit_options,
     list_or_relaunch_pumit,
@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start from ViT weights: EVA-02 checkpoint (the paper starts from eva02_B_pt_in21k_p14.pt), "
                         "a PUMIT MIM checkpoint or a backbone bundle")
-    set_handlers(p, run, validate)
+    common.set_handlers(p, run, validate)
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir, events, should_stop = job_setup(args)
     tokenizer = load_tokenizer(args.tokenizer)
     tz, txy = parse_crop(args.crop, tokenizer.stride)
-    cfg = train_config(args, MIM, grad_clip=args.grad_clip or None, amsgrad=False)
+    cfg = common.train_config(args, MIM, grad_clip=args.grad_clip or None, amsgrad=False)
     items = load_items(args, events, run_dir)
     result = train_mim(items, run_dir, tokenizer, cfg, args.size, args.batch, tz, txy, args.mask_ratio,
                        args.mask_layer_start, args.resume, events, args.workers, should_stop,

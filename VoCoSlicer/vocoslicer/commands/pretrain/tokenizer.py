@@ -10,25 +10,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vocoslicer.commands.pretrain.common import (
-    add_common_options,
-    add_deprecated_alias,
-    list_or_relaunch,
-    set_handlers,
-    train_config,
-    validate_common,
-)
+from vocoslicer.commands.pretrain import common
 from vocoslicer.errors import UserError
 from vocoslicer.train.recipes import TOKENIZER, PretrainDefaults
 
 
 def add_pumit_options(p: argparse.ArgumentParser, d: PretrainDefaults, crop: str) -> None:
     """The common options plus what both PUMIT methods take: the ``D,HW`` crop, the old ``--cache`` spelling."""
-    add_common_options(p, d, formats="NIfTI/NRRD/MHA volumes, DICOM series, PNG/JPEG", batch_unit="crops")
+    common.add_common_options(p, d, formats="NIfTI/NRRD/MHA volumes, DICOM series, PNG/JPEG", batch_unit="crops")
     p.add_argument("--crop", default=crop, metavar="D,HW",
                    help=f"crop of isotropic data in voxels, D,HW or one size N (default {crop}); thick-slice and 2D "
                         "data get the same token grid with fewer slices")
-    add_deprecated_alias(p, "--cache", dest="cache_dir", type=Path)  # before --cache-dir had one name everywhere
+    common.add_deprecated_alias(p, "--cache", dest="cache_dir", type=Path)  # before --cache-dir had one name everywhere
 
 
 def parse_crop(text: str, stride: int) -> tuple[int, int]:
@@ -45,7 +38,7 @@ def parse_crop(text: str, stride: int) -> tuple[int, int]:
 
 def validate_pumit(args: argparse.Namespace) -> None:
     """Checks both PUMIT methods make before any run folder exists."""
-    validate_common(args)
+    common.validate_common(args)
     if args.steps < 1 or args.batch < 1:
         raise UserError("--steps and --batch must be >= 1")
 
@@ -54,7 +47,7 @@ def list_or_relaunch_pumit(args: argparse.Namespace) -> int | None:
     """:func:`~vocoslicer.commands.pretrain.common.list_or_relaunch` with the PUMIT input finder (2D images too)."""
     from vocoslicer.data.anisotropy import find_inputs
 
-    return list_or_relaunch(args, find_inputs)
+    return common.list_or_relaunch(args, find_inputs)
 
 
 def load_items(args: argparse.Namespace, events: Any, run_dir: Path | None = None) -> list:
@@ -87,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--perceptual", default=d.perceptual,
                    help="random[:C1,C2,..] (frozen seeded random features, default) or lpips:VGG16.pth,LIN.pth "
                         "(LPIPS-VGG16 from local weight files)")
-    set_handlers(p, run, validate)
+    common.set_handlers(p, run, validate)
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -118,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         size["embed_dim"] = args.embed_dim
     tok_cfg = TokenizerConfig(**size)
     tz, txy = parse_crop(args.crop, tok_cfg.stride)
-    cfg = train_config(args, TOKENIZER, grad_clip=None, amsgrad=False)
+    cfg = common.train_config(args, TOKENIZER, grad_clip=None, amsgrad=False)
     tiny = {"d_channels": tuple(tok_cfg.channels)} if args.size == "tiny" else {}  # else the paper's discriminator
     recipe = TokenizerRecipe(quant_weight=args.quant_weight, entropy_weight=args.entropy_weight,
                              perceptual_weight=args.perceptual_weight, perceptual=args.perceptual, d_lr=args.d_lr,

@@ -6,14 +6,7 @@ import argparse
 import math
 import sys
 
-from vocoslicer.commands.pretrain.common import (
-    add_common_options,
-    add_deprecated_alias,
-    list_or_relaunch,
-    set_handlers,
-    train_config,
-    validate_common,
-)
+from vocoslicer.commands.pretrain import common
 from vocoslicer.errors import UserError
 from vocoslicer.train.recipes import VOCO
 
@@ -29,9 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "crops against a grid of base crops, student/teacher heads). Volumes are preprocessed once into "
                     "a memory-mapped cache. Exports RUNDIR/backbone, a model bundle that finetune/segment load like "
                     "an official VoCo_*_SSL_head.pt.")
-    add_common_options(p, VOCO, formats="NIfTI/NRRD/MHA, DICOM", batch_unit="volumes", data_required=False,
+    common.add_common_options(p, VOCO, formats="NIfTI/NRRD/MHA, DICOM", batch_unit="volumes", data_required=False,
                        steps_note="; official: 2,000,000 on 8 GPUs")
-    add_deprecated_alias(p, "--accum", dest="grad_accum", type=int)  # voco's name before --grad-accum
+    common.add_deprecated_alias(p, "--accum", dest="grad_accum", type=int)  # voco's name before --grad-accum
     p.add_argument("--size", choices=("B", "L", "H"), default=VOCO.size, help="VoCo size: B=48, L=96, H=192 features")
     p.add_argument("--feature-size", type=int, default=None, help="override the feature size (multiple of 12)")
     p.add_argument("--sw", type=int, default=VOCO.sw, help=f"random crops per volume (official {VOCO.sw})")
@@ -49,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dtype", choices=("int16", "uint8"), default=VOCO.cache_dtype)
     p.add_argument("--init", default=None, metavar="CKPT", help="start from a checkpoint (official VoCo files too)")
     p.add_argument("--export-only", action="store_true", help="only export RUNDIR/backbone from the last checkpoint")
-    set_handlers(p, run, validate)
+    common.set_handlers(p, run, validate)
 
 
 def _triplet(text: str, name: str) -> tuple[float, float, float] | None:
@@ -77,7 +70,7 @@ def _window(text: str) -> tuple[float, float]:
 
 def validate(args: argparse.Namespace) -> None:
     """Argument checks that need no data, run by the CLI before the run folder exists."""
-    validate_common(args)
+    common.validate_common(args)
     if args.export_only:
         return
     if not args.data:
@@ -96,7 +89,7 @@ def validate(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler."""
-    code = list_or_relaunch(args)  # before the run folder and the model: listing reads only the folder
+    code = common.list_or_relaunch(args)  # before the run folder and the model: listing reads only the folder
     if code is not None:
         return code
     from vocoslicer.commands._jobsetup import job_setup
@@ -121,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
                         grad_ckpt=args.grad_ckpt, init=args.init, workers=args.workers,
                         cache_dir=str(args.cache_dir) if args.cache_dir else None,
                         cache_limit_gb=args.cache_limit_gb, preprocess=pp)
-    result = pretrain_voco(args.data, run_dir, recipe, train_config(args, VOCO), resume=args.resume, events=events,
-                           should_stop=should_stop)
+    result = pretrain_voco(args.data, run_dir, recipe, common.train_config(args, VOCO), resume=args.resume,
+                           events=events, should_stop=should_stop)
     if result.get("bundle"):
         print(f"VoCo backbone bundle: {result['bundle']} (step {result['step']})", file=sys.stderr)
     return 0
