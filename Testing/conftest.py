@@ -8,6 +8,7 @@ are kept referenced because the application logic holds raw pointers). Tests add
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +38,12 @@ def slicer_core():
 
     slicer.modules = types.SimpleNamespace(volumes=mod(vols), segmentations=mod(segs))
     return types.SimpleNamespace(scene=scene, app_logic=app_logic, colors=colors, volumes=vols, segmentations=segs)
+
+
+@pytest.fixture()
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh VOCOSLICER_HOME per test (models, cohorts and locks never touch the real one); a test file may
+    define its own ``home`` (e.g. one with a download server), which then wins."""
+    h = tmp_path / "home"
+    monkeypatch.setenv("VOCOSLICER_HOME", str(h))
+    return h

@@ -26,13 +26,6 @@ VIT = ["--init", "scratch", "--arch", "pumit_vit_cls", "--vit-size", "tiny", "--
        "--preprocessing", PRE, "--device", "cpu"]
 
 
-@pytest.fixture()
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    h = tmp_path / "home"
-    monkeypatch.setenv("VOCOSLICER_HOME", str(h))
-    return h
-
-
 def finding_of(seed: int) -> str:
     return "splenomegaly" if seed % 2 else "none"
 

@@ -25,13 +25,6 @@ PRE = {"orientation": "RAS", "spacing": [8.0, 8.0, 8.0], "pad_value": -1024,
 UNET = {"in_channels": 1, "out_channels": 9, "channels": [4, 8], "strides": [2], "num_res_units": 0}
 
 
-@pytest.fixture()
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    h = tmp_path / "home"
-    monkeypatch.setenv("VOCOSLICER_HOME", str(h))
-    return h
-
-
 def tiny_bundle(path: Path) -> Path:
     torch.manual_seed(0)
     meta = new_bundle_meta("tiny-rank", "1.0.0", "segmentation", "unet", UNET, preprocessing=PRE,

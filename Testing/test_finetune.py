@@ -29,13 +29,6 @@ PRE = {"orientation": "RAS", "spacing": [8.0, 8.0, 8.0], "pad_value": -1024,
 ARGS = {"size": None, "feature_size": 12, "in_channels": 1, "out_channels": 9, "patch_merging": "legacy"}
 
 
-@pytest.fixture()
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    h = tmp_path / "home"
-    monkeypatch.setenv("VOCOSLICER_HOME", str(h))
-    return h
-
-
 def start_bundle(path: Path) -> Path:
     """A random tiny SwinUNETR (validation Dice near 0: noise)."""
     torch.manual_seed(0)
